@@ -8,6 +8,7 @@ to agree before any number is reported.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,9 +32,13 @@ class RoutingBenchConfig:
 
 
 def _random_ids(rows: int, spec: MoEModelSpec, g: torch.Generator) -> torch.Tensor:
-    # argsort of random keys gives distinct ids per cell without materialising float scores for every expert.
-    keys = torch.randint(0, 1 << 30, (rows * spec.num_moe_layers, spec.num_experts), generator=g)
-    return keys.argsort(dim=1)[:, : spec.topk].reshape(rows, spec.num_moe_layers, spec.topk).to(spec.dtype)
+    """Distinct ids per cell, cheaply: ``(start + step * j) % E`` with a random start and a step coprime to E."""
+    steps = torch.tensor([s for s in range(1, spec.num_experts) if math.gcd(s, spec.num_experts) == 1] or [1])
+    cells = rows * spec.num_moe_layers
+    start = torch.randint(0, spec.num_experts, (cells, 1), generator=g)
+    step = steps[torch.randint(0, steps.numel(), (cells, 1), generator=g)]
+    ids = (start + step * torch.arange(spec.topk)) % spec.num_experts
+    return ids.reshape(rows, spec.num_moe_layers, spec.topk).to(spec.dtype)
 
 
 def _grpo_batch(cfg: RoutingBenchConfig, spec: MoEModelSpec) -> tuple[list[RoutingTrace], list[int]]:
