@@ -1,6 +1,8 @@
 import json
 
-from mindspeed_rl_r3.cli.main import main
+import pytest
+
+from mindspeed_rl_r3.cli.main import TARGETS, main
 
 
 def test_bench_routing_json(capsys):
@@ -11,15 +13,20 @@ def test_bench_routing_json(capsys):
     assert result["bytes_per_token_dedupe"] <= 0.85 * 384
     assert result["int32_bytes_per_token"] > 4 * result["bytes_per_token"] - 1
     assert result["layout_gb_per_s"] > 0 and result["layout_speedup_vs_naive"] > 0
-    assert set(result["targets"]) == {
-        "bytes_per_token",
-        "bytes_per_token_dedupe",
-        "layout_speedup_vs_naive",
-        "layout_gb_per_s",
-    }
+    assert set(result["targets"]) == {name for name, _, _ in TARGETS["routing"]}
 
 
-def test_bench_routing_table(capsys):
+def test_bench_replay_json(capsys):
+    assert main(["bench", "replay", "--json", "--repeats", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["replay_over_native_time"] > 0
+    # The alignment check is deterministic: aligned ids agree almost always, shuffled ones at chance.
+    assert result["agreement_aligned"] > 0.95
+    assert result["agreement_misaligned"] == pytest.approx(result["chance_overlap"], abs=0.02)
+    assert set(result["targets"]) == {"replay_over_native_time"}
+
+
+def test_bench_table(capsys):
     assert main(["bench", "routing", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "bytes_per_token" in out and "layout_speedup_vs_naive" in out
+    assert "bytes_per_token" in out and "layout_speedup_vs_naive" in out and "target" in out

@@ -5,39 +5,57 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mindspeed_rl_r3 import __version__
 
-# Targets from the routing foundation issue: (metric, comparison, bound).
-ROUTING_TARGETS = (
-    ("bytes_per_token", "<=", 384.0),
-    ("bytes_per_token_dedupe", "<=", 0.85 * 384.0),
-    ("layout_speedup_vs_naive", ">=", 10.0),
-    ("layout_gb_per_s", ">=", 1.0),
-)
+# Targets from the issues: (metric, comparison, bound), checked against what a benchmark measured in one run.
+TARGETS = {
+    "routing": (
+        ("bytes_per_token", "<=", 384.0),
+        ("bytes_per_token_dedupe", "<=", 0.85 * 384.0),
+        ("layout_speedup_vs_naive", ">=", 10.0),
+        ("layout_gb_per_s", ">=", 1.0),
+    ),
+    "replay": (("replay_over_native_time", "<=", 1.05),),
+}
 
 
-def _bench_routing(args: argparse.Namespace) -> int:
+def _run_routing(args: argparse.Namespace) -> dict:
     from mindspeed_rl_r3.bench.routing import RoutingBenchConfig, run_routing_bench
 
-    cfg = RoutingBenchConfig(repeats=args.repeats, seed=args.seed)
-    progress = None if args.json else (lambda msg: print(f"[bench routing] {msg}...", file=sys.stderr))
-    result = run_routing_bench(cfg, progress=progress)
+    return run_routing_bench(RoutingBenchConfig(repeats=args.repeats, seed=args.seed))
+
+
+def _run_replay(args: argparse.Namespace) -> dict:
+    from mindspeed_rl_r3.bench.replay import ReplayBenchConfig, run_replay_bench
+
+    return run_replay_bench(ReplayBenchConfig(repeats=args.repeats, seed=args.seed))
+
+
+SUITES: dict[str, tuple[str, Callable[[argparse.Namespace], dict], int]] = {
+    "routing": ("wire size per token and encode -> decode -> layout throughput", _run_routing, 5),
+    "replay": ("router forward+backward time with replay vs native, and the alignment check", _run_replay, 20),
+}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if not args.json:
+        print(f"[bench {args.suite}] running...", file=sys.stderr)
+    result = SUITES[args.suite][1](args)
     result["targets"] = {
         name: {"bound": f"{op} {bound:g}", "met": result[name] <= bound if op == "<=" else result[name] >= bound}
-        for name, op, bound in ROUTING_TARGETS
+        for name, op, bound in TARGETS[args.suite]
     }
     if args.json:
         print(json.dumps(result))
         return 0
-    print(
-        f"routing payload, {result['model']['name']} ({result['batch_sequences']} sequences, "
-        f"{result['batch_tokens']} tokens, {result['payload_mb']} MB of ids, 1 thread)"
-    )
-    for name, target in result["targets"].items():
-        print(f"  {name:<26} {result[name]:>10}   target {target['bound']:<10} {'ok' if target['met'] else 'MISSED'}")
-    print(f"  {'int32_bytes_per_token':<26} {result['int32_bytes_per_token']:>10}   (naive int32 payload)")
+    for name, value in result.items():
+        if name in ("config", "targets", "model"):
+            continue
+        target = result["targets"].get(name)
+        mark = f"   target {target['bound']:<10} {'ok' if target['met'] else 'MISSED'}" if target else ""
+        print(f"  {name:<26} {value!s:>10}{mark}")
     return 0
 
 
@@ -48,11 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure speed and size against a baseline in the same run")
     suites = bench.add_subparsers(dest="suite", required=True)
-    routing = suites.add_parser("routing", help="wire size per token and encode -> decode -> layout throughput")
-    routing.add_argument("--json", action="store_true", help="print one JSON object")
-    routing.add_argument("--repeats", type=int, default=5, help="timed repetitions (best is reported)")
-    routing.add_argument("--seed", type=int, default=0)
-    routing.set_defaults(run=_bench_routing)
+    for name, (help_text, _, repeats) in SUITES.items():
+        suite = suites.add_parser(name, help=help_text)
+        suite.add_argument("--json", action="store_true", help="print one JSON object")
+        suite.add_argument("--repeats", type=int, default=repeats, help="timed repetitions (best is reported)")
+        suite.add_argument("--seed", type=int, default=0)
+        suite.set_defaults(run=_bench)
     return parser
 
 

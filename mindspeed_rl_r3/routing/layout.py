@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mindspeed_rl_r3.routing.trace import RoutingError, RoutingTrace
+from mindspeed_rl_r3.routing.trace import RoutingError, RoutingTrace, compact_dtype, missing_value
 
 CP_ALGOS = ("megatron_cp_algo", "ulysses_cp_algo")
 
@@ -175,6 +175,10 @@ class ReplayBatch:
             j = self.layer_numbers.index(layer_number)
         except ValueError:
             raise RoutingError(f"layer {layer_number} is not on this rank (has {list(self.layer_numbers)})") from None
+        return self.column(j)
+
+    def column(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`layer` by position in :attr:`layer_numbers`."""
         ids = self.ids[:, j]
         missing = ids[:, 0] == self.sentinel
         return ids.to(torch.int64).masked_fill_(missing.unsqueeze(1), 0), missing
@@ -239,3 +243,35 @@ def layout_micro_batch(
     pad_row = torch.full((1, len(layer_sel), first.topk), sentinel, dtype=first.ids.dtype)
     source = torch.cat([*(t.ids[:, pick] for t in traces), pad_row])
     return ReplayBatch(numbers, source.index_select(0, flat), sentinel)
+
+
+def traces_from_router_ids(
+    router_ids: torch.Tensor,
+    seq_lens: torch.Tensor | Sequence[int],
+    layout: RouterTokenLayout,
+    *,
+    layers: Sequence[int],
+    num_layers: int,
+    num_experts: int,
+    padded_len: int | None = None,
+) -> list[RoutingTrace]:
+    """Inverse of :func:`layout_micro_batch`: per-sample traces from ids ``[T, len(layers), k]`` in router order.
+
+    Used by R2, which records the training router's own choice in one pass and replays it under another micro-batch
+    split. Trace layers not in ``layers`` and rows this rank's routers did not see stay missing.
+    """
+    lens = torch.as_tensor(seq_lens, dtype=torch.int64).reshape(-1)
+    sample, pos = router_token_positions(lens, layout, padded_len)
+    if router_ids.dim() != 3 or router_ids.shape[0] != sample.numel() or router_ids.shape[1] != len(layers):
+        raise RoutingError(
+            f"router ids {tuple(router_ids.shape)} do not match {sample.numel()} router rows x {len(layers)} layers"
+        )
+    rows = (lens - 1).clamp(min=0)
+    offsets = torch.cumsum(rows, 0) - rows
+    valid = pos < rows[sample]
+    dtype = compact_dtype(num_experts)
+    flat = torch.full((int(rows.sum()), num_layers, router_ids.shape[2]), missing_value(dtype), dtype=dtype)
+    target_rows = (offsets[sample] + pos)[valid]
+    columns = torch.as_tensor(list(layers), dtype=torch.int64)
+    flat[target_rows.unsqueeze(1), columns.unsqueeze(0)] = router_ids[valid].to(flat.dtype)
+    return [RoutingTrace(part, num_experts) for part in torch.split(flat, rows.tolist())]
