@@ -339,3 +339,61 @@ def test_binding_refuses_what_cannot_replay(megatron):
     state.end_pass()
     with pytest.raises(RoutingError, match="sinkhorn routing has no top-k"):
         megatron.bind_replay(gpt_model(moe_config(2, moe_router_load_balancing_type="sinkhorn")), state)
+
+
+def test_r2_records_per_micro_batch_and_replays_under_another_split(megatron):
+    from mindspeed_rl_r3.replay.state import action_for
+    from mindspeed_rl_r3.routing.layout import select_micro_batch, traces_from_recorded
+
+    model, state = _model(megatron)
+    r2 = ReplayConfig(mode="R2")
+    assert action_for(r2, "old_log_prob") is RouterAction.RECORD and action_for(r2, "update") is RouterAction.REPLAY
+    tokens, positions, mask = batch(B, S, seed=3)
+    state.begin_pass(action_for(r2, "old_log_prob"))
+    with torch.no_grad():  # old log-prob: one sample per micro-batch
+        for b in range(B):
+            model(tokens[b : b + 1], positions[b : b + 1], mask)
+    state.end_pass()
+    traces = traces_from_recorded(
+        state.take_recorded(),
+        [[S]] * B,
+        RouterTokenLayout(),
+        trace_layers=[0, 1],
+        layer_numbers=[1, 2],
+        num_layers=2,
+        num_experts=NUM_EXPERTS,
+    )
+    with torch.no_grad():
+        for _, router in megatron.iter_routers(model):
+            router.weight.add_(torch.randn_like(router.weight))
+    # update: both samples in one micro-batch, in reversed (dynamic batch size) order
+    order = [1, 0]
+    replay = layout_micro_batch(select_micro_batch(traces, order), [S] * B, RouterTokenLayout())
+    maps, handles = capture_routing(model)
+    state.begin_pass(action_for(r2, "update"))
+    state.load(replay)
+    model(tokens[order], positions, mask, labels=tokens[order]).float().mean().backward()
+    state.end_pass()
+    for h in handles:
+        h.remove()
+    for j, n in enumerate(replay.layer_numbers):
+        ids, missing = replay.column(j)
+        assert missing.sum() == B  # only each sample's last position routes natively
+        assert torch.equal(map_to_ids(maps[n])[~missing], ids.sort(dim=1).values[~missing])
+
+
+def test_stage_actions():
+    from mindspeed_rl_r3.replay.state import action_for
+
+    r3 = ReplayConfig(mode="R3")
+    assert [action_for(r3, s) for s in ("old_log_prob", "update", "reference")] == [
+        RouterAction.REPLAY,
+        RouterAction.REPLAY,
+        RouterAction.NATIVE,
+    ]
+    assert action_for(ReplayConfig(mode="R3", replay_reference=True), "reference") is RouterAction.REPLAY
+    assert action_for(ReplayConfig(), "update") is RouterAction.NATIVE
+    with pytest.raises(RoutingError, match="needs mode R3"):
+        action_for(ReplayConfig(mode="R2", replay_reference=True), "reference")
+    with pytest.raises(RoutingError, match="aux_loss_routing"):
+        ReplayConfig(aux_loss_routing="both")

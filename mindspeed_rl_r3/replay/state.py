@@ -37,6 +37,27 @@ class RouterAction(Enum):
     REPLAY = "replay"
 
 
+def action_for(config: ReplayConfig, stage: str) -> RouterAction:
+    """What the routers do in one MindSpeed-RL stage: ``old_log_prob``, ``update`` or ``reference``.
+
+    R3 replays the rollout's routing in the old-log-prob forward and every update; R2 records the old-log-prob
+    forward's own routing and replays it in every update (it removes drift between mini-steps, not the
+    train/inference gap). The reference forward replays only with ``replay_reference`` under R3: R2 has nothing
+    recorded yet when MindSpeed-RL computes reference log-probs.
+    """
+    if stage not in ("old_log_prob", "update", "reference"):
+        raise RoutingError(f"unknown stage {stage!r}; expected old_log_prob, update or reference")
+    if config.mode is ReplayMode.DISABLED:
+        return RouterAction.NATIVE
+    if stage == "reference":
+        if config.replay_reference and config.mode is ReplayMode.R2:
+            raise RoutingError("r3.replay_reference needs mode R3: R2 records routing after the reference forward")
+        return RouterAction.REPLAY if config.replay_reference else RouterAction.NATIVE
+    if stage == "old_log_prob" and config.mode is ReplayMode.R2:
+        return RouterAction.RECORD
+    return RouterAction.REPLAY
+
+
 class MisalignedRoutingError(RoutingError):
     """Replayed routing agrees with the live router no better than chance: it belongs to other tokens."""
 

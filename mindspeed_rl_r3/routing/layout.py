@@ -245,6 +245,42 @@ def layout_micro_batch(
     return ReplayBatch(numbers, source.index_select(0, flat), sentinel)
 
 
+def traces_from_recorded(
+    recorded: dict[int, list[torch.Tensor]],
+    micro_batch_seq_lens: Sequence[Sequence[int]],
+    layout: RouterTokenLayout,
+    *,
+    trace_layers: Sequence[int],
+    layer_numbers: Sequence[int],
+    num_layers: int,
+    num_experts: int,
+    padded_len: int | None = None,
+) -> list[RoutingTrace]:
+    """R2: per-sample traces, in micro-batch order, from a recorded pass (``RouterReplayState.take_recorded()``).
+
+    ``recorded[layer_number][m]`` holds micro-batch ``m``'s router-order ids; ``trace_layers[j]`` is the trace
+    layer of ``layer_numbers[j]``.
+    """
+    missing = [n for n in layer_numbers if len(recorded.get(n, ())) != len(micro_batch_seq_lens)]
+    if missing:
+        raise RoutingError(
+            f"layers {missing} recorded a different number of micro-batches than the {len(micro_batch_seq_lens)} given"
+        )
+    traces: list[RoutingTrace] = []
+    for m, lens in enumerate(micro_batch_seq_lens):
+        ids = torch.stack([recorded[n][m].cpu() for n in layer_numbers], dim=1)
+        traces += traces_from_router_ids(
+            ids,
+            lens,
+            layout,
+            layers=trace_layers,
+            num_layers=num_layers,
+            num_experts=num_experts,
+            padded_len=padded_len,
+        )
+    return traces
+
+
 def traces_from_router_ids(
     router_ids: torch.Tensor,
     seq_lens: torch.Tensor | Sequence[int],
