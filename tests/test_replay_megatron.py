@@ -223,22 +223,35 @@ def test_several_micro_batches_and_exactly_once(megatron):
     state.end_pass()
 
 
-def test_recompute_replays_the_same_ids(megatron):
-    traces = _random_traces(2, seed=4)
+@pytest.mark.parametrize(
+    "recompute",
+    [
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+        dict(moe_layer_recompute=True),
+    ],
+    ids=["full", "moe_layer"],
+)
+def test_recompute_replays_the_same_ids_in_1f1b_order(megatron, recompute):
+    """Two micro-batches, both forwards before both backwards (1F1B steady state); recompute on vs off."""
+    replays = [_replay_batch(_random_traces(2, seed=4 + i)) for i in range(2)]
     results = []
-    for recompute in (False, True):
-        extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-        model, state = _model(megatron, seed=7, **(extra if recompute else {}))
+    for extra in ({}, recompute):
+        model, state = _model(megatron, seed=7, **extra)
         state.begin_pass(RouterAction.REPLAY)
-        state.load(_replay_batch(traces))
-        loss = _run(model)
+        losses = []
+        for i, replay in enumerate(replays):
+            state.load(replay)
+            tokens, positions, mask = batch(B, S, seed=i)
+            losses.append(model(tokens, positions, mask, labels=tokens).float().mean())
+        for loss in losses:
+            loss.backward()
         consumption = state.consumption()
         state.end_pass()
         grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-        results.append((loss, grads, consumption))
+        results.append((torch.stack(losses), grads, consumption))
     (loss_a, grads_a, cons_a), (loss_b, grads_b, cons_b) = results
-    assert cons_a == {1: (1, 1, 0), 2: (1, 1, 0)}
-    assert cons_b == {1: (1, 1, 1), 2: (1, 1, 1)}  # every layer re-ran its router in backward, replaying once
+    assert cons_a == {1: (2, 2, 0), 2: (2, 2, 0)}
+    assert cons_b == {1: (2, 2, 2), 2: (2, 2, 2)}  # every router re-ran in backward, replaying each entry once
     torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
     assert grads_a.keys() == grads_b.keys()
     for k in grads_a:
