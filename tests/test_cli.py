@@ -30,3 +30,12 @@ def test_bench_table(capsys):
     assert main(["bench", "routing", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "bytes_per_token" in out and "layout_speedup_vs_naive" in out and "target" in out
+
+
+def test_bench_capture_json(capsys):
+    pytest.importorskip("transformers")
+    assert main(["bench", "capture", "--json", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["host_syncs_per_step"] == 0 and result["host_sync_ops"] == {}
+    assert result["tokens_per_s_plain"] > 0 and result["tokens_per_s_capture"] > 0
+    assert result["targets"]["host_syncs_per_step"]["met"]
