@@ -18,8 +18,17 @@ setup(
     packages=find_packages(include=["mindspeed_rl_r3", "mindspeed_rl_r3.*"]),
     install_requires=["torch>=2.1", "numpy>=1.24", "tqdm>=4.60", "xxhash>=3.0"],
     extras_require={
-        "plots": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "matplotlib>=3.7", "packaging"],
+        # The CPU reference pipeline: transformers Qwen3-MoE rollout, peft LoRA, plots.
+        "cpu": ["transformers>=4.57", "peft>=0.13", "matplotlib>=3.7"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "packaging",
+            "transformers>=4.57",
+            "peft>=0.13",
+            "matplotlib>=3.7",
+        ],
     },
     entry_points={"console_scripts": ["mindspeed-rl-r3=mindspeed_rl_r3.cli.main:main"]},
 )

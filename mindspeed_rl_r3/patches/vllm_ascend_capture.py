@@ -1,0 +1,301 @@
+"""Routing capture inside vllm-ascend's rollout worker (MindSpeed-RL's vLLM engine runs in-process).
+
+Where the ids are taken, and why: *before* ``moe_comm_method.prepare()``. By the time ``select_experts`` runs inside
+``quant_method.apply``, the rows are no longer this step's tokens: AllGather pads to ``max_tokens_across_dp`` and
+gathers every DP rank, MC2 and All2All pad and keep only this TP rank's slice. Undoing that needs per-step DP
+metadata, which is frozen into a captured ACL graph. Instead the wrapper of ``AscendFusedMoE.forward_impl`` calls
+the same ``select_experts`` binding, with the layer's own routing arguments, on the unprepared router logits: one
+extra top-k per layer, rows exactly the step's (padded) tokens, logical ids (EPLB's ``log2phy`` is applied later),
+and only in-graph tensor ops plus the recorder's slice write, so it stays valid under ACL graph capture.
+
+Step boundaries wrap ``NPUModelRunner.execute_model``: before it, requests the scheduler reports finished are read
+out of the slot store (their blocks may be reused in this step); after it, the step's real tokens go to the store
+at their KV slots. ``_dummy_run`` and profile runs never pass through ``execute_model``, so their routing is ignored.
+
+Torchair graph mode uses a different MoE class and selector (``torchair_select_experts``); it is refused with a
+clear error rather than silently recording nothing. vllm-ascend sequence parallelism (``sp_enabled``) splits the
+step's tokens over TP ranks before the MoE layer and is refused too.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mindspeed_rl_r3.patches.targets import PatchTarget
+from mindspeed_rl_r3.routing.capture import RoutingRecorder
+from mindspeed_rl_r3.routing.trace import MoEModelSpec, RoutingError, RoutingTrace
+
+RUNNER_MODULE = "vllm_ascend.worker.model_runner_v1"
+SELECT_PARAMS = ("hidden_states", "router_logits", "top_k", "use_grouped_topk", "renormalize")
+
+
+@dataclass(frozen=True)
+class CaptureLayout:
+    """Where one vllm-ascend line keeps its MoE layer, the pre-``prepare`` entry point and the selector binding."""
+
+    name: str
+    moe_class: str  # module.Class of the MoE layer
+    entry: str  # method taking (self, hidden_states, router_logits, ...) before any DP/TP token exchange
+    selector: str  # module.attribute of the select_experts binding the layer's apply uses
+
+    @property
+    def targets(self) -> tuple[PatchTarget, ...]:
+        return (
+            PatchTarget(self.selector, versions=(self.name,), parameters=SELECT_PARAMS),
+            PatchTarget(f"{self.moe_class}.{self.entry}", versions=(self.name,), parameters=("self", "hidden_states")),
+            PatchTarget(
+                f"{RUNNER_MODULE}.NPUModelRunner.execute_model",
+                versions=(self.name,),
+                parameters=("self", "scheduler_output"),
+            ),
+        )
+
+
+LAYOUTS = {
+    # MindSpeed-RL master: vllm-ascend v0.11.0-dev (1b16c01).
+    "0.11.0": CaptureLayout(
+        "0.11.0",
+        "vllm_ascend.ops.common_fused_moe.AscendFusedMoE",
+        "forward_impl",
+        "vllm_ascend.ops.common_fused_moe.select_experts",
+    ),
+    # MindSpeed-RL 2.3.0: vllm-ascend v0.9.1-dev (8c7bc45); MindSpeed-RL's own fused_moe module binds the selector
+    # its replacement apply() calls.
+    "0.9.1": CaptureLayout(
+        "0.9.1",
+        "vllm_ascend.ops.fused_moe.AscendFusedMoE",
+        "forward",
+        "mindspeed_rl.models.rollout.vllm_adapter.fused_moe.select_experts",
+    ),
+}
+TARGETS = LAYOUTS["0.11.0"].targets
+_MARK = "_mindspeed_rl_r3_capture"
+
+
+class CaptureSession:
+    """Process-global capture state: the recorder of this rollout worker and whether steps are recorded."""
+
+    recorder: RoutingRecorder | None = None
+    enabled: bool = False
+    spec: MoEModelSpec | None = None
+
+    @classmethod
+    def start(cls, spec: MoEModelSpec, *, max_tokens: int, num_slots: int, block_size: int, device: Any) -> None:
+        cls.spec = spec
+        cls.recorder = RoutingRecorder(
+            spec, max_tokens=max_tokens, num_slots=num_slots, block_size=block_size, device=device
+        )
+        cls.enabled = False
+
+    @classmethod
+    def stop(cls) -> None:
+        cls.recorder, cls.spec, cls.enabled = None, None, False
+
+
+def _layer_index(layer: Any) -> int:
+    """Decoder-layer index from ``layer.layer_name`` ("model.layers.17.mlp.experts" -> 17)."""
+    name = getattr(layer, "layer_name", None) or getattr(layer, "prefix", "")
+    numbers = [int(part) for part in str(name).split(".") if part.isdigit()]
+    if len(numbers) != 1:
+        raise RoutingError(f"cannot tell the decoder layer of MoE layer {name!r}; expected one integer in its name")
+    return numbers[0]
+
+
+def _routing_kwargs(layer: Any) -> dict[str, Any]:
+    """The routing arguments ``AscendUnquantizedFusedMoEMethod.apply`` passes to ``select_experts``."""
+    return dict(
+        top_k=layer.top_k,
+        use_grouped_topk=layer.use_grouped_topk,
+        renormalize=layer.renormalize,
+        topk_group=layer.topk_group,
+        num_expert_group=layer.num_expert_group,
+        custom_routing_function=layer.custom_routing_function,
+        scoring_func=layer.scoring_func,
+        e_score_correction_bias=layer.e_score_correction_bias,
+        global_num_experts=layer.global_num_experts,
+    )
+
+
+def forward_impl_capture_wrapper(fn: Callable, selector: Callable[[], Callable]) -> Callable:
+    """Wrap ``forward_impl(self, hidden_states, router_logits)``: record top-k ids before ``prepare()``."""
+
+    @functools.wraps(fn)
+    def forward_impl(self, hidden_states, router_logits, *args, **kwargs):
+        recorder = CaptureSession.recorder
+        if recorder is not None:
+            layer = getattr(self, "_r3_trace_layer", None)
+            if layer is None:
+                _refuse_sequence_parallel()
+                layer = self._r3_trace_layer = recorder.trace_layer(_layer_index(self))
+            routing = _routing_kwargs(self)
+            if kwargs.get("top_k"):  # v0.9.1 forward() may override the layer's top_k per call
+                routing["top_k"] = kwargs["top_k"]
+            _, topk_ids = selector()(hidden_states=hidden_states, router_logits=router_logits, **routing)
+            recorder.capture(layer, topk_ids)
+        return fn(self, hidden_states, router_logits, *args, **kwargs)
+
+    setattr(forward_impl, _MARK, True)
+    return forward_impl
+
+
+def _runner_step(runner: Any, scheduler_output: Any) -> tuple[int, torch.Tensor, dict[str, tuple[list[int], int]]]:
+    """Real token count, CPU slot mapping and per-request (block ids, computed tokens) of the step just run."""
+    total = int(scheduler_output.total_num_scheduled_tokens)
+    block_table = runner.input_batch.block_table[0]
+    slots = torch.from_numpy(block_table.slot_mapping_np[:total].copy())
+    requests = {}
+    for row, req_id in enumerate(runner.input_batch.req_ids):
+        scheduled = scheduler_output.num_scheduled_tokens.get(req_id, 0)
+        if not scheduled:
+            continue
+        computed = int(runner.input_batch.num_computed_tokens_cpu[row]) + int(scheduled)
+        requests[req_id] = (list(runner.requests[req_id].block_ids[0]), computed)
+    return total, slots, requests
+
+
+def execute_model_capture_wrapper(fn: Callable) -> Callable:
+    """Wrap ``NPUModelRunner.execute_model``: step boundaries for the recorder."""
+
+    @functools.wraps(fn)
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        recorder = CaptureSession.recorder
+        if recorder is None or not CaptureSession.enabled:
+            return fn(self, scheduler_output, *args, **kwargs)
+        recorder.begin_step(getattr(scheduler_output, "finished_req_ids", ()) or ())
+        output = fn(self, scheduler_output, *args, **kwargs)
+        if int(scheduler_output.total_num_scheduled_tokens) > 0:
+            recorder.end_step(*_runner_step(self, scheduler_output))
+        return output
+
+    setattr(execute_model, _MARK, True)
+    return execute_model
+
+
+def _refuse_sequence_parallel() -> None:
+    """vllm-ascend SP hands each TP rank a slice of the step's tokens before the MoE layer: not this step's rows."""
+    try:
+        from vllm.forward_context import get_forward_context
+
+        sp = getattr(get_forward_context(), "sp_enabled", False)
+    except (ImportError, AssertionError, AttributeError):
+        return
+    if sp:
+        raise RoutingError("routing capture does not support vllm-ascend sequence parallelism (sp_enabled)")
+
+
+def _refuse_unsupported() -> None:
+    try:
+        from vllm_ascend.ascend_config import get_ascend_config
+
+        if get_ascend_config().torchair_graph_config.enabled:
+            raise RoutingError(
+                "routing capture does not support torchair graph mode (TorchairAscendFusedMoE selects experts with "
+                "torchair_select_experts inside a compiled graph); set generate_config.torchair_graph: false"
+            )
+    except (ImportError, RuntimeError, AttributeError):
+        pass  # no ascend config yet (before LLM init) or an older vllm-ascend without torchair
+
+
+_originals: dict[str, tuple[Any, str, Any]] = {}
+
+
+def _wrap(owner: Any, name: str, wrapper: Callable[[Callable], Callable], key: str) -> bool:
+    current = getattr(owner, name)
+    if getattr(current, _MARK, False):
+        return False
+    _originals[key] = (owner, name, current)
+    setattr(owner, name, wrapper(current))
+    return True
+
+
+def _resolve(path: str) -> tuple[Any, str]:
+    module, _, attr = path.rpartition(".")
+    return importlib.import_module(module), attr
+
+
+def apply(version: str = "0.11.0") -> list[str]:
+    """Install capture for one vllm-ascend line (idempotent); raises naming any missing target."""
+    if version not in LAYOUTS:
+        raise RoutingError(f"no capture layout for vllm-ascend {version!r}; known: {sorted(LAYOUTS)}")
+    layout = LAYOUTS[version]
+    _refuse_unsupported()
+    missing = [t.path for t in layout.targets if not t.check()["found"]]
+    if missing:
+        raise RoutingError(f"routing capture cannot attach, upstream targets not found: {missing}")
+    moe_module, moe_class = _resolve(layout.moe_class)
+    selector_module, selector_name = _resolve(layout.selector)
+    runner = importlib.import_module(RUNNER_MODULE)
+    changed = []
+    selector = lambda: getattr(selector_module, selector_name)  # noqa: E731  (per call: later rebinding wins)
+    owner = getattr(moe_module, moe_class)
+    if _wrap(owner, layout.entry, lambda f: forward_impl_capture_wrapper(f, selector), "moe"):
+        changed.append(f"{layout.moe_class}.{layout.entry}")
+    if _wrap(runner.NPUModelRunner, "execute_model", execute_model_capture_wrapper, "runner"):
+        changed.append(f"{RUNNER_MODULE}.NPUModelRunner.execute_model")
+    return changed
+
+
+def undo() -> list[str]:
+    restored = []
+    for key in list(_originals):
+        owner, name, original = _originals.pop(key)
+        setattr(owner, name, original)
+        restored.append(f"{owner.__module__}.{owner.__qualname__}.{name}")
+    return restored
+
+
+def check(version: str = "0.11.0") -> list[dict[str, Any]]:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        installed = installed_version("vllm_ascend")
+    except PackageNotFoundError:
+        installed = None
+    return [t.check(installed) for t in LAYOUTS[version].targets]
+
+
+def trace_from_native(
+    routed_experts: Any,
+    spec: MoEModelSpec,
+    *,
+    prompt_len: int | None = None,
+    token_ids: Any = None,
+) -> RoutingTrace:
+    """Convert vLLM / vllm-ascend ``CompletionOutput.routed_experts`` (>= 0.15) into a trace.
+
+    The native array is ``[num_tokens - 1, num_hidden_layers, topk]`` int32 over *all* decoder layers, with dense
+    layers and unrecorded rows left at zero. Only the MoE layers are kept; a row whose k ids are all zero cannot be a
+    real top-k choice (ids are distinct) and is marked missing. With top-1 routing that test is impossible, so zero
+    rows are kept as expert 0.
+    """
+    ids = torch.as_tensor(routed_experts).to(torch.int64)
+    if ids.dim() != 3 or ids.shape[2] != spec.topk or ids.shape[1] < spec.num_layers:
+        raise RoutingError(
+            f"native routed_experts has shape {tuple(ids.shape)}, expected [rows, {spec.num_layers} layers, "
+            f"{spec.topk}]"
+        )
+    moe = ids[:, list(spec.moe_layers)]
+    if spec.topk > 1:
+        moe = torch.where((moe == 0).all(dim=-1, keepdim=True), torch.full_like(moe, -1), moe)
+    return RoutingTrace.from_ids(moe, spec.num_experts, prompt_len=prompt_len, token_ids=token_ids)
+
+
+def request_sample_index(request_id: str, first_request: int = 0) -> tuple[int, int]:
+    """``(prompt index, sample index)`` of a vLLM v1 request id: ``"{sample}_{parent}"`` with n > 1, else the parent.
+
+    The offline ``LLM`` numbers parents with a counter that keeps running across ``generate`` calls; pass the first
+    parent id of the batch as ``first_request``.
+    """
+    sample, sep, parent = request_id.partition("_")
+    if not sep:
+        sample, parent = "0", request_id
+    if not (sample.isdigit() and parent.isdigit()):
+        raise RoutingError(f"request id {request_id!r} is not a vLLM offline id ('N' or 'K_N')")
+    return int(parent) - first_request, int(sample)
