@@ -410,3 +410,20 @@ def test_stage_actions():
         action_for(ReplayConfig(mode="R2", replay_reference=True), "reference")
     with pytest.raises(RoutingError, match="aux_loss_routing"):
         ReplayConfig(aux_loss_routing="both")
+
+
+def test_observe_measures_agreement_but_routes_natively(megatron):
+    model, state = _model(megatron)
+    native = _native_routing(model)
+    traces = _random_traces(2, seed=12)
+    maps, handles = capture_routing(model)
+    state.begin_pass(RouterAction.OBSERVE)
+    state.load(_replay_batch(traces))
+    with torch.no_grad():
+        _run(model, backward=False)
+    layers = state.end_pass()
+    for h in handles:
+        h.remove()
+    for n in native:
+        assert torch.equal(map_to_ids(maps[n]), native[n])
+    assert [x.layer_number for x in layers] == [1, 2] and all(x.mean_overlap < 0.9 for x in layers)

@@ -35,6 +35,7 @@ class RouterAction(Enum):
     NATIVE = "native"
     RECORD = "record"
     REPLAY = "replay"
+    OBSERVE = "observe"  # route natively, but consume the loaded ids and measure agreement with them
 
 
 def action_for(config: ReplayConfig, stage: str) -> RouterAction:
@@ -137,7 +138,7 @@ class RouterReplayState:
 
     def load(self, batch: ReplayBatch) -> None:
         """Queue one micro-batch's replay ids (right before its forward)."""
-        if self.action is not RouterAction.REPLAY:
+        if self.action not in (RouterAction.REPLAY, RouterAction.OBSERVE):
             raise RoutingError(f"replay data loaded while routers are in {self.action.value} mode")
         missing = set(self.layer_numbers) - set(batch.layer_numbers)
         if missing:
@@ -265,6 +266,8 @@ class RouterReplayState:
         if not recompute:
             self._num_experts = scores.shape[1]
             self.alignment.update(layer_number, replayed, native, missing)
+        if self.action is RouterAction.OBSERVE:
+            return values, native, native
         return replayed_values, replayed, native
 
 
