@@ -19,8 +19,9 @@ TARGETS = {
     ),
     "replay": (("replay_over_native_time", "<=", 1.05),),
     "capture": (("capture_overhead", "<=", 0.03), ("host_syncs_per_step", "==", 0)),
+    "aqn": (("apply_ms", "<", 5.0),),
 }
-_COMPARE = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "==": lambda a, b: a == b}
+_COMPARE = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b, "==": lambda a, b: a == b}
 
 
 def _run_routing(args: argparse.Namespace) -> dict:
@@ -41,10 +42,17 @@ def _run_capture(args: argparse.Namespace) -> dict:
     return run_capture_bench(CaptureBenchConfig(repeats=args.repeats, seed=args.seed))
 
 
+def _run_aqn(args: argparse.Namespace) -> dict:
+    from mindspeed_rl_r3.bench.aqn import AQNBenchConfig, run_aqn_bench
+
+    return run_aqn_bench(AQNBenchConfig(repeats=args.repeats, seed=args.seed))
+
+
 SUITES: dict[str, tuple[str, Callable[[argparse.Namespace], dict], int]] = {
     "routing": ("wire size per token and encode -> decode -> layout throughput", _run_routing, 5),
     "replay": ("router forward+backward time with replay vs native, and the alignment check", _run_replay, 20),
     "capture": ("generate throughput with vs without routing capture, and host syncs in its hot path", _run_capture, 3),
+    "aqn": ("time to draw and apply AQN noise for Qwen3-30B-A3B norm shapes on one core", _run_aqn, 50),
 }
 
 
