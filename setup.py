@@ -19,7 +19,7 @@ setup(
     install_requires=["torch>=2.1", "numpy>=1.24", "tqdm>=4.60", "xxhash>=3.0"],
     extras_require={
         # The CPU reference pipeline: transformers Qwen3-MoE rollout, peft LoRA, plots.
-        "cpu": ["transformers>=4.57", "peft>=0.13", "matplotlib>=3.7"],
+        "cpu": ["megatron-core>=0.12.1", "transformers>=4.57", "peft>=0.13", "ray>=2.40", "matplotlib>=3.7"],
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",
@@ -27,6 +27,7 @@ setup(
             "packaging",
             "transformers>=4.57",
             "peft>=0.13",
+            "ray>=2.40",
             "matplotlib>=3.7",
         ],
     },

@@ -76,6 +76,50 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from mindspeed_rl_r3.demo.pipeline import run_demo
+    from mindspeed_rl_r3.demo.workers import DemoSettings
+
+    settings = DemoSettings()
+    settings = replace(
+        settings,
+        steps=args.steps,
+        seed=args.seed,
+        prompts_per_step=args.prompts,
+        group_size=args.group_size,
+        max_new_tokens=args.max_new_tokens,
+        aqn=replace(settings.aqn, enabled=not args.no_aqn),
+    )
+    runs = 2 if args.compare else 1
+    bar = tqdm(total=settings.steps * runs, desc="demo", unit="step", file=sys.stderr, disable=args.quiet)
+
+    def progress(message: str) -> None:
+        bar.set_postfix_str(message)
+        bar.update(1)
+
+    result = run_demo(settings, compare=args.compare, data=args.data, out_dir=args.out, progress=progress)
+    bar.close()
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for name in ("r3_off", "r3_on"):
+        if name in result:
+            r = result[name]
+            print(
+                f"{name:<7} k3_kl {r['k3_kl']:.3e}  extreme_frac {r['extreme_frac']:.4f}  "
+                f"routing_mismatch {r['routing_mismatch']:.4f}  reward {r['reward']:.3f}"
+            )
+    if "k3_ratio_on_over_off" in result:
+        print(f"k3 R3 on / off: {result['k3_ratio_on_over_off']:.3f}")
+    for path in result.get("files", []):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mindspeed-rl-r3", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -89,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
         suite.add_argument("--repeats", type=int, default=repeats, help="timed repetitions (best is reported)")
         suite.add_argument("--seed", type=int, default=0)
         suite.set_defaults(run=_bench)
+
+    demo = commands.add_parser("demo", help="the CPU reference pipeline: GRPO + R3 + AQN + LoRA on a tiny Qwen3-MoE")
+    demo.add_argument("--compare", action="store_true", help="run R3 off, then on, from the same seed and weights")
+    demo.add_argument("--steps", type=int, default=4)
+    demo.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    demo.add_argument("--group-size", type=int, default=4, help="samples per prompt (GRPO n)")
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--data", help="GSM8K jsonl/parquet (default: built-in GSM8K-format problems)")
+    demo.add_argument("--out", default="demo_out", help="folder for demo.json and the PNG plots")
+    demo.add_argument("--no-aqn", action="store_true", help="rollout without adaptive quantization noise")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", action="store_true", help="print one JSON object")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -1,0 +1,135 @@
+"""The demo's tiny Qwen3-MoE, built identically as a transformers model (rollout) and a Megatron GPTModel (trainer).
+
+Settings follow ``shared/reference/demo-calibration.md`` size A (hidden 128, 4 layers, 4 query / 2 KV heads,
+16 experts, top-4) with expert ``down_proj`` x3 and ``lm_head`` x10 after the default init. Why: only the rollout's
+reduced precision creates routing flips, and R3's benefit grows with how much the MoE output matters to the residual
+stream; at default init the experts barely matter (R3 cuts k3 to 0.6-0.8x), with experts x3, closer to a trained
+model, R3 cuts it to about 0.1x. The router is left unscaled: a sharper router makes flips cheap and weakens R3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mindspeed_rl_r3.lora.names import Qwen3MoeShape
+from mindspeed_rl_r3.routing.trace import MoEModelSpec
+
+
+@dataclass(frozen=True)
+class DemoModelSettings:
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    experts: int = 16
+    topk: int = 4
+    moe_ffn: int = 64
+    vocab: int = 512
+    max_len: int = 512
+    expert_scale: float = 3.0
+    lm_head_scale: float = 10.0
+    router_scale: float = 1.0
+    rope_theta: float = 1_000_000.0
+    eps: float = 1e-6
+
+    @property
+    def shape(self) -> Qwen3MoeShape:
+        return Qwen3MoeShape(
+            num_layers=self.layers,
+            hidden_size=self.hidden,
+            num_attention_heads=self.heads,
+            num_query_groups=self.kv_heads,
+            head_dim=self.head_dim,
+            num_experts=self.experts,
+            moe_ffn_hidden_size=self.moe_ffn,
+            vocab_size=self.vocab,
+        )
+
+    @property
+    def spec(self) -> MoEModelSpec:
+        return MoEModelSpec(num_layers=self.layers, topk=self.topk, num_experts=self.experts)
+
+
+def hf_model(settings: DemoModelSettings, dtype: torch.dtype = torch.float32):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=settings.vocab,
+        hidden_size=settings.hidden,
+        intermediate_size=4 * settings.hidden,
+        moe_intermediate_size=settings.moe_ffn,
+        num_hidden_layers=settings.layers,
+        num_attention_heads=settings.heads,
+        num_key_value_heads=settings.kv_heads,
+        head_dim=settings.head_dim,
+        num_experts=settings.experts,
+        num_experts_per_tok=settings.topk,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        rms_norm_eps=settings.eps,
+        max_position_embeddings=settings.max_len,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": settings.rope_theta},
+    )
+    return Qwen3MoeForCausalLM(config).to(dtype).eval()
+
+
+def initial_hf_state(settings: DemoModelSettings, seed: int) -> dict[str, torch.Tensor]:
+    """Random fp32 weights with the calibrated scalings, in transformers naming."""
+    torch.manual_seed(seed)
+    model = hf_model(settings)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.experts.down_proj"):
+                param.mul_(settings.expert_scale)
+            elif name == "lm_head.weight":
+                param.mul_(settings.lm_head_scale)
+            elif name.endswith("mlp.gate.weight"):
+                param.mul_(settings.router_scale)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def megatron_model(settings: DemoModelSettings):
+    """Megatron GPTModel (local spec: qk-norm, SwiGLU experts, RoPE, untied output) in fp32 on CPU."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=settings.layers,
+        hidden_size=settings.hidden,
+        num_attention_heads=settings.heads,
+        num_query_groups=settings.kv_heads,
+        kv_channels=settings.head_dim,
+        ffn_hidden_size=4 * settings.hidden,
+        num_moe_experts=settings.experts,
+        moe_router_topk=settings.topk,
+        moe_ffn_hidden_size=settings.moe_ffn,
+        moe_token_dispatcher_type="allgather",
+        moe_router_load_balancing_type="none",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        qk_layernorm=True,
+        normalization="RMSNorm",
+        layernorm_epsilon=settings.eps,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+    )
+    spec = get_gpt_layer_local_spec(
+        num_experts=settings.experts, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm"
+    )
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=settings.vocab,
+        max_sequence_length=settings.max_len,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(settings.rope_theta),
+    )
