@@ -7,4 +7,6 @@ PATCH_MODULES = {
     "mindspeed_llm_router": "routing replay registered through MindSpeed's patch manager over MindSpeed-LLM",
     "vllm_ascend_capture": "rollout routing capture in vllm-ascend (MoE layer before prepare, model runner steps)",
     "hf_qwen3_moe": "rollout routing capture in transformers Qwen3-MoE (CPU pipeline)",
+    "mindspeed_rl_lora": "LoRA weight sync for Qwen3-MoE in MindSpeed-RL: .base_layer names, expert merge, reference",
+    "peft_megatron": "peft LoraParallelLinear repairs for megatron-core layers (CPU pipeline and tests)",
 }
