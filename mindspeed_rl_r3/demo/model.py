@@ -57,25 +57,10 @@ class DemoModelSettings:
 def hf_model(settings: DemoModelSettings, dtype: torch.dtype = torch.float32):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    config = Qwen3MoeConfig(
-        vocab_size=settings.vocab,
-        hidden_size=settings.hidden,
-        intermediate_size=4 * settings.hidden,
-        moe_intermediate_size=settings.moe_ffn,
-        num_hidden_layers=settings.layers,
-        num_attention_heads=settings.heads,
-        num_key_value_heads=settings.kv_heads,
-        head_dim=settings.head_dim,
-        num_experts=settings.experts,
-        num_experts_per_tok=settings.topk,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        rms_norm_eps=settings.eps,
-        max_position_embeddings=settings.max_len,
-        tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": settings.rope_theta},
-    )
-    return Qwen3MoeForCausalLM(config).to(dtype).eval()
+    from mindspeed_rl_r3.lora.convert import hf_config_kwargs
+
+    kwargs = hf_config_kwargs(settings.shape, settings.topk, settings.eps, settings.rope_theta, settings.max_len)
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(**kwargs)).to(dtype).eval()
 
 
 def initial_hf_state(settings: DemoModelSettings, seed: int) -> dict[str, torch.Tensor]:

@@ -155,10 +155,9 @@ class TrainerWorker:
 
     def rollout_weights(self) -> dict[str, torch.Tensor]:
         """What the rollout must run: LoRA merged into every adapted weight, in transformers naming."""
-        from mindspeed_rl_r3.lora.convert import megatron_to_hf
-        from mindspeed_rl_r3.lora.merge import merged_state_dict
+        from mindspeed_rl_r3.lora.convert import merged_hf_state_dict
 
-        return megatron_to_hf(merged_state_dict(self.model), self.settings.model.shape)
+        return merged_hf_state_dict(self.model, self.settings.model.shape)
 
     def _batch(self, rollout: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[RoutingTrace]]:
         tok_pad = ByteTokenizer(self.settings.model.vocab).pad_id
