@@ -28,6 +28,7 @@ setup(
             "transformers>=4.57",
             "peft>=0.13",
             "ray>=2.40",
+            "hydra-core>=1.3",
             "matplotlib>=3.7",
         ],
     },

@@ -54,10 +54,12 @@ def save_plots(runs: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
         layers = sorted(run["layer_agreement"], key=int)
         xs = [int(x) + (i - (len(runs) - 1) / 2) * width for x in layers]
         ax.bar(xs, [run["layer_agreement"][x] for x in layers], width=width, label=name)
+    values = [v for run in runs.values() for v in run["layer_agreement"].values()]
     ax.set_xlabel("MoE layer")
-    ax.set_ylabel("training router == rollout (set)")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("per-layer routing agreement, all steps", fontsize=10)
+    ax.set_ylabel("native top-k set == rollout's")
+    ax.set_ylim(max(0.0, min(values) - 0.05) if values else 0.0, 1.0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("per-layer agreement of the training router's own choice with the rollout", fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
