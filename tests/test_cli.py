@@ -39,3 +39,31 @@ def test_bench_capture_json(capsys):
     assert result["host_syncs_per_step"] == 0 and result["host_sync_ops"] == {}
     assert result["tokens_per_s_plain"] > 0 and result["tokens_per_s_capture"] > 0
     assert result["targets"]["host_syncs_per_step"]["met"]
+
+
+def test_plan_cli_accepts_the_shipped_config_and_rejects_tp3(capsys):
+    pytest.importorskip("hydra")
+    assert main(["plan", "grpo_qwen3_30b_a3b_lora_r3_aqn", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    bad = ["plan", "grpo_qwen3_30b_a3b_lora_r3_aqn_12npu", "actor_config.tensor_model_parallel_size=3", "--json"]
+    assert main(bad) == 1
+    errors = json.loads(capsys.readouterr().out)["errors"]
+    assert any("tensor_model_parallel_size=3" in e for e in errors)
+    assert main(["plan", "no_such_config"]) == 2
+
+
+def test_doctor_cli_json(capsys):
+    code = main(["doctor", "--json", "--profile", "cpu"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == (0 if report["ok"] else 1)
+    assert {"name", "found", "compatible"} <= set(report["targets"][0])
+    assert "torch" in report["versions"]
+
+
+def test_gsm8k_synth_then_convert(tmp_path, capsys):
+    raw, converted = tmp_path / "synth.jsonl", tmp_path / "train.jsonl"
+    assert main(["gsm8k", "synth", str(raw), "--n", "5"]) == 0
+    assert main(["gsm8k", "convert", str(raw), str(converted)]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["written"] == 5
+    assert main(["gsm8k", "convert", str(tmp_path / "missing.jsonl"), str(converted)]) == 2

@@ -120,6 +120,51 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from mindspeed_rl_r3.doctor import run_doctor
+
+    try:
+        report = run_doctor(args.upstream, as_json=args.json, profile=args.profile)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"doctor: {err}", file=sys.stderr)
+        return 2
+    return 0 if report["ok"] else 1
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from mindspeed_rl_r3.plan import PlanError, format_plan, load_config, plan_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = plan_config(cfg, num_npus=args.npus, nnodes=args.nnodes, npu_memory_gib=args.npu_memory_gib)
+    except (FileNotFoundError, PlanError, ValueError, RuntimeError) as err:
+        print(f"plan: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else format_plan(result))
+    return 0 if result["ok"] else 1
+
+
+def _gsm8k(args: argparse.Namespace) -> int:
+    from mindspeed_rl_r3.data.gsm8k import GSM8KFormatError, convert_gsm8k, write_synthetic_gsm8k
+
+    try:
+        if args.action == "convert":
+            stats = convert_gsm8k(
+                args.src,
+                args.dst,
+                instruction=args.instruction,
+                limit=args.limit,
+                on_error="skip" if args.skip_invalid else "raise",
+            )
+        else:
+            stats = write_synthetic_gsm8k(args.dst, args.n, args.seed)
+    except (FileNotFoundError, GSM8KFormatError) as err:
+        print(f"gsm8k: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(stats))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mindspeed-rl-r3", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -147,6 +192,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
+
+    doctor = commands.add_parser("doctor", help="installed versions and every patch target: found, compatible")
+    doctor.add_argument("--upstream", action="append", default=[], metavar="DIR", help="upstream source checkout")
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    doctor.add_argument("--profile", choices=("auto", "npu", "cpu"), default="auto", help="which targets are required")
+    doctor.set_defaults(run=_doctor)
+
+    plan = commands.add_parser("plan", help="check a config's parallel layout and estimate memory per NPU")
+    plan.add_argument("config", help="a config name in configs/ or a yaml path")
+    plan.add_argument("overrides", nargs="*", help="hydra overrides, e.g. actor_config.tensor_model_parallel_size=2")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("--npus", type=int, help="NPUs in the job (default: from the config)")
+    plan.add_argument("--nnodes", type=int)
+    plan.add_argument("--npu-memory-gib", type=float, default=64.0)
+    plan.set_defaults(run=_plan)
+
+    gsm8k = commands.add_parser("gsm8k", help="GSM8K data for MindSpeed-RL")
+    actions = gsm8k.add_subparsers(dest="action", required=True)
+    convert = actions.add_parser("convert", help="GSM8K jsonl/parquet -> MindSpeed-RL dataset input")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.add_argument("--instruction")
+    convert.add_argument("--limit", type=int)
+    convert.add_argument("--skip-invalid", action="store_true", help="drop malformed rows instead of failing")
+    synth = actions.add_parser("synth", help="write built-in GSM8K-format problems")
+    synth.add_argument("dst")
+    synth.add_argument("--n", type=int, default=1000)
+    synth.add_argument("--seed", type=int, default=0)
+    for sub in (convert, synth):
+        sub.set_defaults(run=_gsm8k)
     return parser
 
 

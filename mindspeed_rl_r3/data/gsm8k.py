@@ -1,0 +1,486 @@
+"""GSM8K: reading, conversion to MindSpeed-RL's preprocess input, final-answer extraction, reward, synthetic data.
+
+MindSpeed-RL's ``cli/preprocess_data.py`` with ``R1AlpacaStyleInstructionHandler`` reads a jsonl whose columns are
+named by the dataset yaml's ``map_keys`` (``configs/datasets/gsm8k_qwen3.yaml``: ``prompt <- problem``,
+``response <- answer``). The prompt becomes the tokenized chat prompt; with ``dataset_additional_keys: [labels]``
+the handler tokenizes the *response* text as ``labels``, which the rule verifier decodes and compares with the
+model's answer. So the converted ``answer`` is the bare final number (``"72"``), not GSM8K's worked solution, and it
+must be a string (the handler drops non-string responses).
+
+Final-number conventions (GSM8K): the reference solution ends with ``#### 72``; numbers may carry thousands commas
+(``1,000``), a sign (``-12``), decimals (``0.5``), a leading ``$`` and a sentence-ending period. Model outputs
+without ``####`` are read from the last ``\\boxed{...}``, else the last number in the text. Numbers compare exactly
+(as fractions), so ``72``, ``72.0`` and ``$72.00`` are the same answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+# Columns of the converted jsonl; configs/datasets/gsm8k_qwen3.yaml maps them with map_keys.
+PROBLEM_KEY = "problem"
+ANSWER_KEY = "answer"
+
+_NUMBER = re.compile(
+    r"(?<![\w.])"  # not glued to a word, digit or decimal point: no number in "x2", no sign in "5-3"
+    r"(?P<sign>[-+\u2212])?"
+    r"\s?\$?\s?"
+    r"(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+)
+_SIMPLE_FRACTION = re.compile(r"^\s*(?P<sign>[-+\u2212])?\s*(?P<p>\d+)\s*/\s*(?P<q>\d+)\s*$")
+_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]*)\s*\}\s*\{\s*([^{}]*)\s*\}")
+_LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
+_ANNOTATION = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations: <<48/2=24>>
+
+
+class GSM8KFormatError(ValueError):
+    """A GSM8K file or record that cannot be read or converted; the message names the file, line and field."""
+
+
+def parse_number(text: str) -> Fraction | None:
+    """The first number in ``text`` as an exact fraction, or None.
+
+    Accepts ``1,000``, ``-12``, ``+3``, ``0.5``, ``.5``, ``$18``, ``-$5``, ``72.`` and a simple fraction ``3/4``
+    standing alone (LaTeX ``\\frac{3}{4}`` too).
+    """
+    text = _clean_latex(text)
+    fraction = _SIMPLE_FRACTION.match(text)
+    if fraction:
+        q = int(fraction["q"])
+        if q == 0:
+            return None
+        value = Fraction(int(fraction["p"]), q)
+        return -value if fraction["sign"] in ("-", "\u2212") else value
+    match = _NUMBER.search(text)
+    return _to_fraction(match) if match else None
+
+
+def _to_fraction(match: re.Match) -> Fraction:
+    value = Fraction(match["num"].replace(",", ""))
+    return -value if match["sign"] in ("-", "\u2212") else value
+
+
+def _last_number(text: str) -> Fraction | None:
+    last = None
+    for last in _NUMBER.finditer(text):  # noqa: B007 - only the last match matters
+        pass
+    return _to_fraction(last) if last else None
+
+
+def _clean_latex(text: str) -> str:
+    text = _LATEX_TEXT.sub(r" \1 ", text)
+    text = _LATEX_FRAC.sub(r"\1/\2", text)
+    for old, new in (
+        ("{,}", ","),
+        ("\\!", ""),
+        ("\\$", "$"),
+        ("\\%", "%"),
+        ("\\,", ""),
+        ("\\left", ""),
+        ("\\right", ""),
+    ):
+        text = text.replace(old, new)
+    return text
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced; None if there is none."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    brace = text.find("{", start)
+    if brace < 0:
+        return None
+    depth = 0
+    for i in range(brace, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[brace + 1 : i]
+    return None  # unbalanced: a truncated response
+
+
+def canonical_number(value: Fraction) -> str:
+    """``72``, ``-12``, ``0.5``; a fraction without a finite decimal form stays ``p/q``."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    q, twos, fives = value.denominator, 0, 0
+    while q % 2 == 0:
+        q, twos = q // 2, twos + 1
+    while q % 5 == 0:
+        q, fives = q // 5, fives + 1
+    if q != 1:
+        return f"{value.numerator}/{value.denominator}"
+    digits = max(twos, fives)
+    scaled = abs(value.numerator) * 10**digits // value.denominator
+    sign = "-" if value < 0 else ""
+    whole, frac = divmod(scaled, 10**digits)
+    return f"{sign}{whole}.{str(frac).rjust(digits, '0').rstrip('0')}"
+
+
+def _final_value(text: str) -> Fraction | None:
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].strip().splitlines()
+        value = parse_number(tail[0]) if tail else None
+        if value is not None:
+            return value
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        boxed = _clean_latex(boxed)
+        value = parse_number(boxed) if _SIMPLE_FRACTION.match(boxed) else _last_number(boxed)
+        if value is not None:
+            return value
+    return _last_number(_ANNOTATION.sub(" ", text))
+
+
+def extract_final_number(text: str) -> str | None:
+    """The final numeric answer of a GSM8K solution or a model response, canonical (``"1000"``, ``"-0.5"``).
+
+    Order: the number after the last ``####``; else the last ``\\boxed{...}``; else the last number in the text
+    (calculator annotations ``<<...>>`` ignored). None when the text holds no number.
+    """
+    value = _final_value(text)
+    return None if value is None else canonical_number(value)
+
+
+def _label_value(label: Any) -> Fraction:
+    if isinstance(label, bool):
+        raise GSM8KFormatError(f"label {label!r} is not a number")
+    if isinstance(label, int | float):
+        return Fraction(str(label))
+    if isinstance(label, str):
+        value = _final_value(label)
+        if value is not None:
+            return value
+    raise GSM8KFormatError(f"label {label!r} holds no number (expected e.g. '72' or a GSM8K answer ending '#### 72')")
+
+
+def gsm8k_reward(response_text: str, label: str | int | float) -> float:
+    """1.0 when the response's final number equals the label's exactly (as fractions), else 0.0.
+
+    ``label`` is the converted answer (``"72"``), a GSM8K solution ending ``#### 72``, or a number; a label without
+    a number raises :class:`GSM8KFormatError` (bad data, not a wrong answer).
+    """
+    expected = _label_value(label)
+    got = _final_value(response_text)
+    return 1.0 if got is not None and got == expected else 0.0
+
+
+def to_mindspeed_rl_record(question: str, answer: str, *, instruction: str | None = None) -> dict[str, str]:
+    """One row of MindSpeed-RL's preprocess input: ``{"problem": question, "answer": "<final number>"}``.
+
+    ``instruction`` is appended to the question on its own line (the shipped dataset yaml instead uses the
+    ``qwen_math_r1`` prompt template, whose system prompt asks for ``\\boxed{}``). Raises
+    :class:`GSM8KFormatError` when the answer has no final number.
+    """
+    final = extract_final_number(answer)
+    if final is None:
+        raise GSM8KFormatError(f"answer has no final number: {answer[-80:]!r}")
+    problem = question.strip()
+    if instruction:
+        problem = f"{problem}\n{instruction.strip()}"
+    return {PROBLEM_KEY: problem, ANSWER_KEY: final}
+
+
+def _record_fields(record: Any, where: str) -> tuple[str, str]:
+    """(question, answer text) from a GSM8K row, an already converted row, or a verl-style parquet row."""
+    if not isinstance(record, dict):
+        raise GSM8KFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    extra = record.get("extra_info") if isinstance(record.get("extra_info"), dict) else {}
+    for q_key, a_key, source in (
+        ("question", "answer", record),
+        (PROBLEM_KEY, ANSWER_KEY, record),
+        ("question", "answer", extra),
+    ):
+        question, answer = source.get(q_key), source.get(a_key)
+        if isinstance(question, str) and isinstance(answer, str | int | float) and not isinstance(answer, bool):
+            return question, str(answer)
+    prompt, reward = record.get("prompt"), record.get("reward_model")
+    if isinstance(prompt, list) and isinstance(reward, dict) and "ground_truth" in reward:
+        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        if users and isinstance(users[-1], str):
+            return users[-1], str(reward["ground_truth"])
+    raise GSM8KFormatError(
+        f"{where}: no question/answer fields (expected 'question' and 'answer', 'problem' and 'answer', "
+        f"or verl-style 'prompt' + 'reward_model.ground_truth'); keys: {sorted(record)}"
+    )
+
+
+def _parquet_rows(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    except ImportError:
+        pass
+    try:
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict(orient="records")
+    except ImportError:
+        raise GSM8KFormatError(
+            f"{path}: reading parquet needs pyarrow or pandas and neither is importable; "
+            "install one (pip install pyarrow) or pass the GSM8K jsonl instead"
+        ) from None
+
+
+def _raw_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(location, decoded row) pairs; location is ``file:line`` for jsonl and ``file:row`` otherwise."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        for i, row in enumerate(_parquet_rows(path)):
+            yield f"{path}:row {i}", row
+        return
+    if suffix not in (".jsonl", ".json"):
+        raise GSM8KFormatError(f"{path}: unsupported file type {suffix!r} (expected .jsonl, .json or .parquet)")
+    with path.open(encoding="utf-8") as handle:
+        first = handle.read(1)
+        handle.seek(0)
+        if suffix == ".json" and first == "[":  # a JSON array rather than one object per line
+            try:
+                rows = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise GSM8KFormatError(f"{path}: invalid JSON: {err}") from None
+            for i, row in enumerate(rows):
+                yield f"{path}:item {i}", row
+            return
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as err:
+                raise GSM8KFormatError(f"{path}:{lineno}: invalid JSON: {err.msg} at column {err.colno}") from None
+
+
+def read_gsm8k(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows ``{"question", "answer"}`` (answer as in the file) from GSM8K jsonl / json / parquet.
+
+    Raises :class:`GSM8KFormatError` naming ``file:line`` for malformed rows, FileNotFoundError when missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GSM8K file not found: {path}")
+    rows = []
+    for where, row in _raw_rows(path):
+        question, answer = _record_fields(row, where)
+        rows.append({"question": question, "answer": answer})
+    return rows
+
+
+def convert_gsm8k(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    instruction: str | None = None,
+    limit: int | None = None,
+    on_error: str = "raise",
+) -> dict[str, Any]:
+    """Convert GSM8K (jsonl / json / parquet) to MindSpeed-RL's preprocess input jsonl at ``dst``.
+
+    Each output line is ``{"problem": ..., "answer": "<final number>"}``. ``on_error="raise"`` (default) stops at
+    the first bad row with its ``file:line``; ``"skip"`` drops it and reports it in the stats. The output is written
+    to a temporary file and renamed, so a failed conversion leaves no partial file.
+
+    Returns ``{"src", "dst", "format", "read", "written", "skipped", "errors", "columns"}``; ``errors`` holds at
+    most the first 10 skipped rows' reasons.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    src, dst = Path(src), Path(dst)
+    if src.is_dir():
+        found = sorted(p.name for p in src.iterdir() if p.suffix.lower() in (".jsonl", ".json", ".parquet"))
+        raise GSM8KFormatError(f"{src} is a directory; pass one file, e.g. one of {found}")
+    if not src.is_file():
+        raise FileNotFoundError(f"GSM8K file not found: {src}")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise GSM8KFormatError(f"destination {dst} is the source file; choose another path")
+    stats: dict[str, Any] = {
+        "src": str(src),
+        "dst": str(dst),
+        "format": src.suffix.lower().lstrip("."),
+        "read": 0,
+        "written": 0,
+        "skipped": 0,
+        "errors": [],
+        "columns": [PROBLEM_KEY, ANSWER_KEY],
+    }
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as out:
+            for where, row in _raw_rows(src):
+                if limit is not None and stats["written"] >= limit:
+                    break
+                stats["read"] += 1
+                try:
+                    question, answer = _record_fields(row, where)
+                    record = to_mindspeed_rl_record(question, answer, instruction=instruction)
+                except GSM8KFormatError as err:
+                    message = str(err) if str(err).startswith(where) else f"{where}: {err}"
+                    if on_error == "raise":
+                        raise GSM8KFormatError(message) from None
+                    stats["skipped"] += 1
+                    if len(stats["errors"]) < 10:
+                        stats["errors"].append(message)
+                    continue
+                # ASCII escapes: U+2028 and friends in GSM8K text would split lines for splitlines()-based readers
+                out.write(json.dumps(record, ensure_ascii=True) + "\n")
+                stats["written"] += 1
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synthetic GSM8K-format problems: integer arithmetic, answers correct by construction, GSM8K's solution style
+# (calculator annotations <<expr=value>> and a final "#### N"), so the CPU demo runs without the real files.
+
+_NAMES = ("Natalia", "Weng", "Betty", "Julie", "James", "Albert", "Ken", "Alexis", "Tina", "Randy", "Maya", "Omar")
+_ITEMS = ("apples", "stickers", "marbles", "pencils", "cookies", "stamps", "seashells", "books")
+_THINGS = (("notebook", "notebooks"), ("toy car", "toy cars"), ("ticket", "tickets"), ("plant", "plants"))
+
+
+def _step(expr: str, value: int) -> str:
+    return f"{expr} = <<{expr.replace(' ', '')}={value}>>{value}"
+
+
+def _problem_packs(rng: random.Random) -> tuple[str, list[str], int]:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    have, packs, per = rng.randint(2, 60), rng.randint(2, 9), rng.randint(3, 24)
+    bought = packs * per
+    total = have + bought
+    question = (
+        f"{name} has {have} {item}. {name} buys {packs} packs of {item} with {per} {item} in each pack. "
+        f"How many {item} does {name} have now?"
+    )
+    steps = [
+        f"{name} buys {_step(f'{packs} * {per}', bought)} {item}.",
+        f"Now {name} has {_step(f'{have} + {bought}', total)} {item}.",
+    ]
+    return question, steps, total
+
+
+def _problem_wage(rng: random.Random) -> tuple[str, list[str], int]:
+    name = rng.choice(_NAMES)
+    rate, hours, days = rng.randint(8, 45), rng.randint(2, 10), rng.randint(2, 7)
+    daily = rate * hours
+    total = daily * days
+    question = (
+        f"{name} earns ${rate} an hour. {name} works {hours} hours a day for {days} days. "
+        f"How much money does {name} earn in total?"
+    )
+    steps = [
+        f"In one day {name} earns ${_step(f'{rate} * {hours}', daily)}.",
+        f"In {days} days {name} earns ${_step(f'{daily} * {days}', total)}.",
+    ]
+    return question, steps, total
+
+
+def _problem_change(rng: random.Random) -> tuple[str, list[str], int]:
+    name = rng.choice(_NAMES)
+    single, plural = rng.choice(_THINGS)
+    count, price, left_over = rng.randint(2, 12), rng.randint(2, 30), rng.randint(0, 80)
+    cost = count * price
+    money = cost + left_over
+    question = (
+        f"{name} has ${money}. {name} buys {count} {plural} that cost ${price} per {single}. "
+        f"How many dollars does {name} have left?"
+    )
+    steps = [
+        f"The {plural} cost ${_step(f'{count} * {price}', cost)}.",
+        f"{name} has ${_step(f'{money} - {cost}', left_over)} left.",
+    ]
+    return question, steps, left_over
+
+
+def _problem_share(rng: random.Random) -> tuple[str, list[str], int]:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    friends, each = rng.randint(2, 9), rng.randint(4, 20)
+    used = rng.randint(1, each - 1)
+    total = friends * each
+    left = each - used
+    question = (
+        f"{name} shares {total} {item} equally among {friends} friends. Each friend then gives away {used} of them. "
+        f"How many {item} does each friend have left?"
+    )
+    steps = [
+        f"Each friend gets {_step(f'{total} / {friends}', each)} {item}.",
+        f"Each friend has {_step(f'{each} - {used}', left)} {item} left.",
+    ]
+    return question, steps, left
+
+
+def _problem_trip(rng: random.Random) -> tuple[str, list[str], int]:
+    v1, h1, v2, h2 = rng.randint(30, 90), rng.randint(1, 5), rng.randint(20, 80), rng.randint(1, 4)
+    d1, d2 = v1 * h1, v2 * h2
+    total = d1 + d2
+    question = (
+        f"A train travels at {v1} km per hour for {h1} hours and then at {v2} km per hour for {h2} hours. "
+        "How many kilometers does it travel in total?"
+    )
+    steps = [
+        f"First it travels {_step(f'{v1} * {h1}', d1)} km.",
+        f"Then it travels {_step(f'{v2} * {h2}', d2)} km.",
+        f"In total it travels {_step(f'{d1} + {d2}', total)} km.",
+    ]
+    return question, steps, total
+
+
+def _problem_half(rng: random.Random) -> tuple[str, list[str], int]:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    half, extra = rng.randint(3, 2000), rng.randint(1, 50)  # up to 4,000: exercises thousands commas
+    have = 2 * half
+    total = half + extra
+    question = (
+        f"{name} had {have:,} {item} and gave half of them to a friend. Later {name} found {extra} more. "
+        f"How many {item} does {name} have now?"
+    )
+    steps = [
+        f"{name} kept {_step(f'{have} / 2', half)} {item}.",
+        f"Now {name} has {_step(f'{half} + {extra}', total)} {item}.",
+    ]
+    return question, steps, total
+
+
+_GENERATORS = (_problem_packs, _problem_wage, _problem_change, _problem_share, _problem_trip, _problem_half)
+
+
+def synthetic_gsm8k(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` GSM8K-format word problems ``{"question", "answer"}``, deterministic in ``seed``.
+
+    Every answer is a worked solution with GSM8K calculator annotations (``<<6*4=24>>``) ending ``#### N``; all
+    intermediate values are non-negative integers computed while generating, so the answers are correct by
+    construction.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        question, steps, final = rng.choice(_GENERATORS)(rng)
+        rows.append({"question": question, "answer": "\n".join([*steps, f"#### {final}"])})
+    return rows
+
+
+def write_synthetic_gsm8k(dst: str | os.PathLike, n: int, seed: int = 0) -> dict[str, Any]:
+    """Write :func:`synthetic_gsm8k` rows to ``dst`` as GSM8K-format jsonl (``question``, ``answer``).
+
+    The file reads back with :func:`read_gsm8k` and converts with :func:`convert_gsm8k` like the real GSM8K.
+    Returns ``{"dst", "written", "seed"}``.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    rows = synthetic_gsm8k(n, seed)
+    dst.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return {"dst": str(dst), "written": len(rows), "seed": seed}
