@@ -18,8 +18,9 @@ setup(
     packages=find_packages(include=["mindspeed_rl_r3", "mindspeed_rl_r3.*"]),
     install_requires=["torch>=2.1", "numpy>=1.24", "tqdm>=4.60", "xxhash>=3.0"],
     extras_require={
-        # The CPU reference pipeline: transformers Qwen3-MoE rollout, peft LoRA, plots.
-        "cpu": ["megatron-core>=0.12.1", "transformers>=4.57", "peft>=0.13", "ray>=2.40", "matplotlib>=3.7"],
+        # The CPU reference pipeline: transformers Qwen3-MoE rollout, peft LoRA, Ray, plots. megatron-core is
+        # installed beside it (README: 0.12.1 with --no-deps, MindSpeed-RL's pin, without its GPU extras).
+        "cpu": ["transformers>=4.57", "peft>=0.13", "ray>=2.40", "matplotlib>=3.7"],
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",
