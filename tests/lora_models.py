@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mindspeed_rl_r3.lora.names import Qwen3MoeShape, vllm_names
 
@@ -29,55 +28,27 @@ LORA_R, LORA_ALPHA = 4, 8
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 
 
-def megatron_config(shape: Qwen3MoeShape = SHAPE, **overrides):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+def settings(shape: Qwen3MoeShape = SHAPE):
+    """The package's model builders (the CPU demo's), at the test's small shape."""
+    from mindspeed_rl_r3.demo.model import DemoModelSettings
 
-    params = dict(
-        num_layers=shape.num_layers,
-        hidden_size=shape.hidden_size,
-        num_attention_heads=shape.num_attention_heads,
-        num_query_groups=shape.num_query_groups,
-        kv_channels=shape.head_dim,
-        ffn_hidden_size=4 * shape.hidden_size,
-        num_moe_experts=shape.num_experts,
-        moe_router_topk=TOPK,
-        moe_ffn_hidden_size=shape.moe_ffn_hidden_size,
-        moe_token_dispatcher_type="allgather",
-        moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=0.001,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        qk_layernorm=True,
-        normalization="RMSNorm",
-        layernorm_epsilon=EPS,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-    )
-    params.update(overrides)
-    return TransformerConfig(**params)
+    return DemoModelSettings.from_shape(shape, TOPK, max_len=64, rope_theta=10000.0, eps=EPS)
+
+
+def megatron_config(shape: Qwen3MoeShape = SHAPE, **overrides):
+    from mindspeed_rl_r3.demo.model import megatron_config as build
+
+    return build(settings(shape), moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.001, **overrides)
 
 
 def megatron_qwen3(shape: Qwen3MoeShape = SHAPE, seed: int = 0):
     from megatron.core import tensor_parallel
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from mindspeed_rl_r3.demo.model import megatron_model
 
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    spec = get_gpt_layer_local_spec(
-        num_experts=shape.num_experts, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm"
-    )
-    model = GPTModel(
-        config=megatron_config(shape),
-        transformer_layer_spec=spec,
-        vocab_size=shape.vocab_size,
-        max_sequence_length=64,
-        share_embeddings_and_output_weights=shape.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=10000,
-    )
+    model = megatron_model(settings(shape), moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.001)
     # Norm weights start at one; perturb them so the conversion of every tensor is visible in the logits.
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -87,12 +58,9 @@ def megatron_qwen3(shape: Qwen3MoeShape = SHAPE, seed: int = 0):
 
 
 def hf_qwen3(shape: Qwen3MoeShape = SHAPE):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from mindspeed_rl_r3.demo.model import hf_model
 
-    from mindspeed_rl_r3.lora.convert import hf_config_kwargs
-
-    config = Qwen3MoeConfig(**hf_config_kwargs(shape, TOPK, EPS, 10000.0, 64))
-    return Qwen3MoeForCausalLM(config).eval()
+    return hf_model(settings(shape))
 
 
 def tokens(b: int = 2, s: int = 12, vocab: int = SHAPE.vocab_size, seed: int = 0) -> torch.Tensor:

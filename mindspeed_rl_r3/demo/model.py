@@ -53,6 +53,21 @@ class DemoModelSettings:
     def spec(self) -> MoEModelSpec:
         return MoEModelSpec(num_layers=self.layers, topk=self.topk, num_experts=self.experts)
 
+    @classmethod
+    def from_shape(cls, shape: Qwen3MoeShape, topk: int, **kwargs) -> DemoModelSettings:
+        return cls(
+            hidden=shape.hidden_size,
+            layers=shape.num_layers,
+            heads=shape.num_attention_heads,
+            kv_heads=shape.num_query_groups,
+            head_dim=shape.head_dim,
+            experts=shape.num_experts,
+            topk=topk,
+            moe_ffn=shape.moe_ffn_hidden_size,
+            vocab=shape.vocab_size,
+            **kwargs,
+        )
+
 
 def hf_model(settings: DemoModelSettings, dtype: torch.dtype = torch.float32):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -78,13 +93,11 @@ def initial_hf_state(settings: DemoModelSettings, seed: int) -> dict[str, torch.
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def megatron_model(settings: DemoModelSettings):
-    """Megatron GPTModel (local spec: qk-norm, SwiGLU experts, RoPE, untied output) in fp32 on CPU."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+def megatron_config(settings: DemoModelSettings, **overrides):
+    """The ``TransformerConfig`` matching :func:`hf_model`; ``overrides`` replace any field."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    config = TransformerConfig(
+    params = dict(
         num_layers=settings.layers,
         hidden_size=settings.hidden,
         num_attention_heads=settings.heads,
@@ -106,6 +119,16 @@ def megatron_model(settings: DemoModelSettings):
         attention_dropout=0.0,
         use_cpu_initialization=True,
     )
+    params.update(overrides)
+    return TransformerConfig(**params)
+
+
+def megatron_model(settings: DemoModelSettings, **overrides):
+    """Megatron GPTModel (local spec: qk-norm, SwiGLU experts, RoPE, untied output) in fp32 on CPU."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = megatron_config(settings, **overrides)
     spec = get_gpt_layer_local_spec(
         num_experts=settings.experts, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm"
     )
