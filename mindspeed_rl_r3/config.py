@@ -59,7 +59,7 @@ class IntegrationConfig:
 def _plain(section: Any, name: str) -> dict[str, Any]:
     if section is None:
         return {}
-    if hasattr(section, "items") and not isinstance(section, Mapping):  # an omegaconf DictConfig
+    if type(section).__module__.startswith("omegaconf"):  # DictConfig / ListConfig: plain containers, resolved
         from omegaconf import OmegaConf
 
         section = OmegaConf.to_container(section, resolve=True)

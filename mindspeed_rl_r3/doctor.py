@@ -57,7 +57,19 @@ VERSION_OF = {"megatron": "megatron", "vllm_ascend": "vllm_ascend", "transformer
 # Patch modules a job cannot run without; every other module in PATCH_MODULES is optional for that profile.
 # (mindspeed_rl_lora / peft_megatron count once they are registered in PATCH_MODULES.)
 REQUIRED = {
-    "npu": frozenset({"megatron_router", "mindspeed_llm_router", "vllm_ascend_capture", "mindspeed_rl_lora"}),
+    "npu": frozenset(
+        {
+            "megatron_router",
+            "mindspeed_llm_router",
+            "vllm_ascend_capture",
+            "mindspeed_rl_lora",
+            "mindspeed_rl_trainer",
+            "mindspeed_rl_worker",
+            "mindspeed_rl_rollout",
+            "mindspeed_rl_aqn",
+            "mindspeed_rl_replay",
+        }
+    ),
     "cpu": frozenset({"megatron_router", "hf_qwen3_moe", "peft_megatron"}),
 }
 _ASCEND_DIRS = ("/usr/local/Ascend/ascend-toolkit", "/usr/local/Ascend/cann")

@@ -67,3 +67,18 @@ def test_gsm8k_synth_then_convert(tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert stats["written"] == 5
     assert main(["gsm8k", "convert", str(tmp_path / "missing.jsonl"), str(converted)]) == 2
+
+
+def test_apply_and_undo_cli_on_a_temporary_site_dir(tmp_path, capsys):
+    assert main(["apply", "--site-dir", str(tmp_path), "--json"]) == 0
+    assert list(tmp_path.glob("*.pth")), "apply wrote no .pth hook"
+    capsys.readouterr()
+    assert main(["apply", "--site-dir", str(tmp_path), "--json"]) == 0  # idempotent
+    assert main(["apply", "--undo", "--site-dir", str(tmp_path), "--json"]) == 0
+    assert not list(tmp_path.glob("*.pth"))
+
+
+def test_train_cli_rejects_an_unknown_config_before_starting_anything(capsys):
+    pytest.importorskip("hydra")
+    assert main(["train", "--config-name", "no_such_config"]) == 2
+    assert "no_such_config" in capsys.readouterr().err

@@ -42,3 +42,12 @@ def test_absent_sections_mean_plain_mindspeed_rl():
 def test_bad_values_name_section_and_key(config, message):
     with pytest.raises(ConfigError, match=message):
         load_sections(config)
+
+
+def test_omegaconf_sections_become_plain_values():
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.create({"r3": {"mode": "R3"}, "aqn": {"enabled": True, "targets": ["pre_mlp_layernorm"]}})
+    ours = load_sections(cfg)
+    assert ours.r3.replay.mode is ReplayMode.R3 and ours.aqn.targets == ("pre_mlp_layernorm",)
+    rest, _ = split_config(omegaconf.OmegaConf.create({"rl_config": {"n": 1}, "r3": {"mode": "R3"}}))
+    assert rest == {"rl_config": {"n": 1}} and type(rest["rl_config"]) is dict

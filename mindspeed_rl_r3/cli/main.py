@@ -208,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--npu-memory-gib", type=float, default=64.0)
     plan.set_defaults(run=_plan)
 
+    from mindspeed_rl_r3 import apply as apply_module
+    from mindspeed_rl_r3 import train as train_module
+
+    train = commands.add_parser("train", help="MindSpeed-RL GRPO with R3 / AQN / LoRA fixes in every Ray worker")
+    train_module.add_arguments(train)
+    train.set_defaults(run=train_module.run_from_args)
+
+    apply = commands.add_parser("apply", help="make an existing MindSpeed-RL installation load the patches (--undo)")
+    apply_module.add_arguments(apply)
+    apply.set_defaults(run=apply_module.run_from_args)
+
     gsm8k = commands.add_parser("gsm8k", help="GSM8K data for MindSpeed-RL")
     actions = gsm8k.add_subparsers(dest="action", required=True)
     convert = actions.add_parser("convert", help="GSM8K jsonl/parquet -> MindSpeed-RL dataset input")

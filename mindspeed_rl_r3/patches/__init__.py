@@ -9,4 +9,12 @@ PATCH_MODULES = {
     "hf_qwen3_moe": "rollout routing capture in transformers Qwen3-MoE (CPU pipeline)",
     "mindspeed_rl_lora": "LoRA weight sync for Qwen3-MoE in MindSpeed-RL: .base_layer names, expert merge, reference",
     "peft_megatron": "peft LoraParallelLinear repairs for megatron-core layers (CPU pipeline and tests)",
+    "mindspeed_rl_trainer": "TransferDock columns (routed_experts, rollout_log_probs) and metric reduction in "
+    "MindSpeed-RL's GRPO trainer",
+    "mindspeed_rl_worker": "per-stage dispatch columns, rollout put, actor-worker lifecycle (refusals, AQN attach, "
+    "metrics) in MindSpeed-RL",
+    "mindspeed_rl_rollout": "token-id prompts, routing capture and rollout log-probs in MindSpeed-RL's vLLM engine",
+    "mindspeed_rl_aqn": "AQN noise right after each weight sync in MindSpeed-RL's sharding manager",
+    "mindspeed_rl_replay": "per-micro-batch replay feed, replay passes, log-prob mismatch and router registration in "
+    "MindSpeed-RL's training engine",
 }

@@ -1,0 +1,6 @@
+"""Environment variable names of the integration, importable without torch (``.pth`` and Ray setup hooks load it
+in every Python process)."""
+
+ENV_SECTIONS = "MINDSPEED_RL_R3_SECTIONS"  # JSON of the r3 / aqn / lora_extras sections, set by the driver
+ENV_CONFIG_FILE = "MINDSPEED_RL_R3_CONFIG"  # a YAML file to read the sections from instead
+ENV_DISABLE = "MINDSPEED_RL_R3_DISABLE"  # "1": load nothing, whatever the other two say

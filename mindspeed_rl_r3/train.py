@@ -1,0 +1,179 @@
+"""``python -m mindspeed_rl_r3.train --config-name NAME [--config-path DIR] [key=value ...]``: GRPO with R3 and AQN.
+
+The flow is MindSpeed-RL's ``cli/train_grpo.py``, whose functions do the work; this entry adds what it cannot:
+
+1. compose the hydra config and split off the ``r3`` / ``aqn`` / ``lora_extras`` sections (MindSpeed-RL's config
+   classes reject unknown keys inside their own sections; the top-level ones they never read);
+2. start Ray as ``cli/train_grpo.py::main`` does (its ``runtime_env`` file, ``VLLM_DP_SIZE``, ``IS_MULTIMODAL``,
+   ``HCCL_BUFFSIZE``), plus the sections in the job's environment and :mod:`mindspeed_rl_r3.autopatch` as the
+   worker setup hook: every Ray worker process, on every node, patches MindSpeed-RL's modules as it imports them,
+   before Ray binds the actor methods; the router wrappers go in after ``initialize_megatron`` has installed
+   MindSpeed-LLM's patches (:mod:`mindspeed_rl_r3.patches.mindspeed_rl_replay`);
+3. run MindSpeed-RL's own remote ``train`` task (``cli.train_grpo.train``) on the MindSpeed-RL part of the config.
+
+The MindSpeed-RL checkout must be importable (``cli`` and ``mindspeed_rl`` on ``PYTHONPATH`` of the driver and the
+Ray nodes), as ``examples/qwen3_30b_lora_r3_aqn.sh`` arranges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mindspeed_rl_r3.config import SECTIONS, ConfigError
+from mindspeed_rl_r3.integration.env import ENV_SECTIONS
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+UPSTREAM_ENTRY = "cli.train_grpo"
+
+
+def compose_config(
+    config_name: str, config_path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The composed hydra config as plain data. ``config_path`` defaults to this repository's ``configs/``."""
+    try:
+        from hydra import compose, initialize_config_dir
+        from omegaconf import OmegaConf
+    except ImportError as err:
+        raise ConfigError(f"composing {config_name} needs hydra-core (pip install hydra-core): {err}") from None
+    directory = Path(config_path).resolve() if config_path is not None else REPO_CONFIGS
+    name = config_name[: -len(".yaml")] if config_name.endswith(".yaml") else config_name
+    if not (directory / f"{name}.yaml").is_file():
+        available = sorted(p.stem for p in directory.glob("*.yaml")) if directory.is_dir() else []
+        raise FileNotFoundError(f"config {name!r} not found in {directory} (available: {available})")
+    with initialize_config_dir(version_base=None, config_dir=str(directory), job_name="mindspeed_rl_r3_train"):
+        composed = compose(config_name=name, overrides=list(overrides))
+    return OmegaConf.to_container(composed, resolve=True)
+
+
+def split_sections(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(MindSpeed-RL's part, our sections)``; the sections are validated (ConfigError names section.key)."""
+    from mindspeed_rl_r3.integration.settings import encode_sections, present_sections
+
+    ours = present_sections(config)
+    if ours:
+        encode_sections(ours)
+    return {k: v for k, v in config.items() if k not in SECTIONS}, ours
+
+
+def _runtime_env_file(path: str, config_dir: Path) -> Path:
+    candidates = [Path(path)] if os.path.isabs(path) else [config_dir.parent / path, Path.cwd() / path]
+    if not os.path.isabs(path):
+        try:
+            import mindspeed_rl
+
+            candidates.append(Path(mindspeed_rl.__file__).resolve().parent.parent / path)
+        except ImportError:
+            pass
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"rl_config.runtime_env_path {path!r} not found; looked at {[str(c) for c in candidates]}")
+
+
+def job_runtime_env(config: Mapping[str, Any], config_dir: Path) -> dict[str, Any]:
+    """The Ray job's runtime_env as ``cli/train_grpo.py::main`` builds it, plus the sections and the setup hook."""
+    import yaml
+    from mindspeed_rl.config_cls.generate_config import GenerateConfig
+    from mindspeed_rl.config_cls.rl_config import RLConfig
+
+    from mindspeed_rl_r3 import autopatch
+
+    rl_config = RLConfig(config.get("rl_config"))
+    generate_config = GenerateConfig(config.get("generate_config"))
+    with open(_runtime_env_file(rl_config.runtime_env_path, config_dir), encoding="utf-8") as handle:
+        runtime_env = yaml.safe_load(handle) or {}
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    if getattr(generate_config, "enable_expert_parallel", None):
+        env_vars["VLLM_DP_SIZE"] = str(generate_config.infer_expert_parallel_size)
+    env_vars["IS_MULTIMODAL"] = str(rl_config.is_multimodal)
+    env_vars["HCCL_BUFFSIZE"] = str(rl_config.hccl_buffersize)
+    runtime_env["env_vars"] = env_vars
+    return autopatch.job_runtime_env(runtime_env)
+
+
+def prepare_job(
+    config_name: str, config_path: str | None = None, overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(MindSpeed-RL config, Ray runtime_env)``; publishes the sections in this process's environment.
+
+    Raises ConfigError / ValueError / FileNotFoundError for a config that cannot run, before anything starts.
+    """
+    from mindspeed_rl_r3.integration.settings import encode_sections
+
+    config = compose_config(config_name, config_path, overrides)
+    msrl_config, sections = split_sections(config)
+    if sections:
+        os.environ[ENV_SECTIONS] = encode_sections(sections)
+    else:
+        os.environ.pop(ENV_SECTIONS, None)
+        print("mindspeed_rl_r3.train: no r3 / aqn / lora_extras sections: plain MindSpeed-RL GRPO", file=sys.stderr)
+    config_dir = Path(config_path).resolve() if config_path is not None else REPO_CONFIGS
+    return msrl_config, job_runtime_env(msrl_config, config_dir)
+
+
+def run_job(msrl_config: Mapping[str, Any], runtime_env: Mapping[str, Any]) -> None:
+    """Start Ray with ``runtime_env`` and run MindSpeed-RL's remote GRPO ``train`` task to the end."""
+    import ray
+
+    from mindspeed_rl_r3 import autopatch
+
+    autopatch.install()
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialised in this process; the job's runtime_env cannot carry the patches")
+    try:
+        upstream = importlib.import_module(UPSTREAM_ENTRY)
+    except ImportError as err:
+        raise RuntimeError(
+            f"cannot import MindSpeed-RL's {UPSTREAM_ENTRY} ({err}): put the MindSpeed-RL checkout on PYTHONPATH "
+            "(or run from it)"
+        ) from None
+    ray.init(runtime_env=dict(runtime_env))
+    ray.get(upstream.train.remote(dict(msrl_config)))
+
+
+def run_training(config_name: str, config_path: str | None = None, overrides: Sequence[str] = ()) -> None:
+    """:func:`prepare_job` then :func:`run_job` (what ``mindspeed-rl-r3 train`` runs)."""
+    run_job(*prepare_job(config_name, config_path, overrides))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The entry's options (also the CLI's ``train`` subcommand)."""
+    parser.add_argument("--config-name", "-cn", required=True, help="hydra config name (without .yaml)")
+    parser.add_argument("--config-path", "-cp", help=f"config directory (default {REPO_CONFIGS})")
+    parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. rl_config.n_samples_per_prompt=4")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    prog, description = "python -m mindspeed_rl_r3.train", __doc__.split("\n", 1)[0]
+    return add_arguments(argparse.ArgumentParser(prog=prog, description=description))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """0: training finished; 2: the config could not be composed or validated (message on stderr). Errors during
+    training propagate with their traceback."""
+    try:
+        job = prepare_job(args.config_name, args.config_path, args.overrides)
+    except (ValueError, FileNotFoundError) as err:  # ConfigError, MindSpeed-RL's unknown-key ValueError
+        print(f"mindspeed_rl_r3.train: {err}", file=sys.stderr)
+        return 2
+    run_job(*job)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mindspeed_rl_r3.train``; exit codes as :func:`run_from_args`."""
+    return run_from_args(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    # Run through the importable module so Ray pickles nothing from __main__ by value.
+    from mindspeed_rl_r3 import train as _entry
+
+    sys.exit(_entry.main())

@@ -1,0 +1,216 @@
+"""The rollout side of the integration against fakes of MindSpeed-RL's actor worker, vLLM engine and sharding manager
+(05a90d77) running a tiny MoE through the vllm-ascend fakes: token prompts, routing capture into the TransferDock,
+rollout log-probs, group dedupe through the dispatch, partial-rollout joins, AQN after each weight sync."""
+
+import copy
+
+import pytest
+import torch
+
+from mindspeed_rl_r3.integration.feed import SHARED_FLAG
+from mindspeed_rl_r3.integration.settings import ROLLOUT_LOG_PROBS, ROUTED_EXPERTS
+from mindspeed_rl_r3.routing import RoutingError, decode, token_fingerprint
+from tests.fake_llm import IM_START, FakeLLM, TinyMoE, Tokenizer
+from tests.integration_support import (  # noqa: F401  (fixtures)
+    R3_SECTIONS,
+    OneRank,
+    fakes,
+    generate_config,
+    integration,
+    megatron_config,
+    rl_config,
+)
+
+LAYERS, EXPERTS, TOPK = 3, 8, 2
+HF_CONFIG = {"num_hidden_layers": LAYERS, "num_experts": EXPERTS, "num_experts_per_tok": TOPK}
+PROMPTS = [torch.tensor([IM_START, 11, 12, 13, 14]), torch.tensor([IM_START, 21, 22, 23])]
+
+
+def expected_routing(model, tokens):
+    """Top-k sets the model routes ``tokens`` to, ``[len, layers, k]`` sorted, recomputed without capture."""
+    h = model.embed_tokens[tokens]
+    out = []
+    for layer in model.layers:
+        x = layer.post_attention_layernorm(h)
+        logits = x @ layer.gate
+        out.append(torch.softmax(logits, -1).topk(TOPK, dim=-1).indices.sort(-1).values)
+        h = h + layer.experts(x, logits)
+    return torch.stack(out, dim=1)
+
+
+def build_worker(*, partial=False, n=2, **rl_overrides):
+    from mindspeed_rl.models.actor_rollout_hybrid import ActorRolloutHybrid
+    from mindspeed_rl.models.rollout.vllm_engine import VLLMInferEngine
+    from mindspeed_rl.workers.actor_hybrid_worker import ActorHybridWorkerBase
+    from mindspeed_rl.workers.resharding.megatron_sharding_manager import MegatronShardingManager
+
+    tokenizer = Tokenizer(64)
+    model = TinyMoE(LAYERS, EXPERTS, TOPK)
+    llm = FakeLLM(model, tokenizer)
+    engine = VLLMInferEngine(
+        sampling_config={"num_completions": n, "max_tokens": 6, "logprobs": 1}, llm=llm, hf_config=HF_CONFIG,
+        tokenizer=tokenizer,
+    )  # fmt: skip
+    trained = {name: p.detach().clone() for name, p in model.named_parameters()}
+    reference = TinyMoE(LAYERS, EXPERTS, TOPK)  # the same weights; the engine's are offloaded between rollouts
+    manager = MegatronShardingManager(engine, weight_source=lambda: {k: v.clone() for k, v in trained.items()})
+    rl = rl_config(n_samples_per_prompt=n, partial_rollout_max_split=2 if partial else 1, **rl_overrides)
+    mc = megatron_config(num_layers=LAYERS)
+    train_model = [torch.nn.Linear(2, 2)]
+    worker = ActorHybridWorkerBase(
+        mc, rl, generate_config(sampling_config={"max_tokens": 6, "logprobs": 1}), None, lambda config: None,
+        tokenizer=tokenizer, get_megatron_module=lambda: {"parallel_state": OneRank()}, model=train_model,
+        inference_model=engine, sharding_manager=manager,
+        actor_hybrid=ActorRolloutHybrid(train_model, inference_model=engine, sharding_manager=manager),
+    )  # fmt: skip
+    return worker, reference, trained
+
+
+def dock(worker, partial=False):
+    from mindspeed_rl.trainer.utils.transfer_dock import GRPOTransferDock, put_prompts_experience
+    from mindspeed_rl.utils.pad_process import padding_dict_to_tensor_dict
+
+    n = worker.rl_config.n_samples_per_prompt
+    td = GRPOTransferDock.remote(
+        prompts_num=len(PROMPTS), n_samples_per_prompt=n, max_age=2 if partial else 1, GBS_train=len(PROMPTS),
+        addition_columns=[ROUTED_EXPERTS, ROLLOUT_LOG_PROBS],
+    )  # fmt: skip
+    worker.init_transfer_dock(td)
+    batch = {"prompts": PROMPTS}
+    if partial:  # what the trainer patch's prompt put adds
+        batch |= {
+            ROUTED_EXPERTS: [torch.tensor([-1], dtype=torch.int32)] * 2,
+            ROLLOUT_LOG_PROBS: [torch.tensor([-1.0])] * 2,
+        }
+    data, indexes = put_prompts_experience(batch, n, [ROUTED_EXPERTS, ROLLOUT_LOG_PROBS] if partial else [])
+    if partial:
+        data = padding_dict_to_tensor_dict(
+            {k: [row[: int(n)] for row, n in zip(v, data["original_length"][i * len(v) :], strict=False)]
+             for i, (k, v) in enumerate(data.items()) if k != "original_length"}
+        )  # fmt: skip
+    td.put_experience.remote(data, indexes=indexes, is_prompt=True)
+    return td.instance
+
+
+def test_unpatched_engine_sends_text_and_loses_chat_tokens(fakes):  # noqa: F811
+    worker, _, _ = build_worker()
+    worker.initialize()
+    td = dock(worker)
+    worker.generate_sequences()
+    assert all(IM_START not in p for p in worker.inference_model.llm.prompts_seen)
+    assert ROUTED_EXPERTS not in [c for c in td.experience_columns if td.experience_data_status[c].sum()]
+
+
+def test_actor_rollout_puts_routing_and_log_probs_of_exactly_the_stored_tokens(fakes, integration):  # noqa: F811
+    integration()
+    worker, model, _ = build_worker()
+    worker.initialize()
+    td = dock(worker)
+    worker.generate_sequences()
+    llm = worker.inference_model.llm
+    assert [p[0] for p in llm.prompts_seen] == [IM_START, IM_START]  # token ids, special tokens kept
+    shared_payloads = 0
+    for i in range(4):
+        ids = td.experience_data["input_ids"][i].long()
+        response = td.experience_data["responses"][i]
+        trace = decode(
+            td.experience_data[ROUTED_EXPERTS][i], leader=decode(td.experience_data[ROUTED_EXPERTS][i - i % 2])
+        )
+        shared_payloads += int(td.experience_data[ROUTED_EXPERTS][i][2]) & SHARED_FLAG == SHARED_FLAG
+        assert trace.rows == ids.numel() - 1 and trace.prompt_len == ids.numel() - response.numel()
+        assert trace.token_hash == token_fingerprint(ids)
+        assert torch.equal(trace.ids.long().sort(-1).values, expected_routing(model, ids[:-1]))
+        logits = model.logits(model(ids[:-1])).float()
+        want = torch.log_softmax(logits, -1)[torch.arange(ids.numel() - 1), ids[1:]][-response.numel() :]
+        assert torch.allclose(td.experience_data[ROLLOUT_LOG_PROBS][i], want, atol=1e-5)
+    assert shared_payloads == 2  # the second sample of each prompt stores its prompt rows with the first
+    assert worker.inference_model._r3_last_rollout is None
+
+
+def test_dispatch_fetches_the_columns_and_expands_group_payloads(fakes, integration):  # noqa: F811
+    integration()
+    worker, _, _ = build_worker()
+    worker.initialize()
+    td = dock(worker)
+    worker.generate_sequences()
+    batch, index = worker.dispatch_transfer_dock_data(
+        "actor_log_prob", ["input_ids", "responses"], 4, 1, 1, "megatron_cp_algo"
+    )
+    assert {ROUTED_EXPERTS, ROLLOUT_LOG_PROBS} <= set(batch) and index == [0, 1, 2, 3]
+    for i in range(4):
+        trace = decode(batch[ROUTED_EXPERTS][i], allow_trailing_padding=True)
+        assert trace.token_hash == token_fingerprint(td.experience_data["input_ids"][i])
+    rollout_only, _ = worker.dispatch_transfer_dock_data("actor_rollout", ["prompts"], 2, use_vllm=True)
+    assert rollout_only is None or ROUTED_EXPERTS not in rollout_only
+
+
+def test_aqn_noise_follows_each_sync_and_other_generates_run_clean(fakes, integration):  # noqa: F811
+    integration()
+    worker, _, trained = build_worker()
+    worker.initialize()
+    dock(worker)
+    name = "layers.1.post_attention_layernorm.weight"
+    param = dict(worker.inference_model.model.named_parameters())[name]
+    worker.iteration = 3  # of train_iters 4 with 2 stages: the noisy stage
+    worker.sharding_manager.enter_infer_mode()
+    noise = worker.inference_model._r3_rollout_noise  # built at the first sync, on the synced weights
+    assert torch.equal(param, trained[name])  # precision fp32: the weight stays, a hook adds the noise
+    assert noise._hooks.on and noise.last_metrics["aqn/sigma"] == pytest.approx(0.05)
+    from mindspeed_rl_r3.integration.runtime import active
+
+    pending = active().take_metrics()
+    assert pending["aqn/sigma@sum"] == [pytest.approx(0.05)]
+    worker.inference_model.generate_sequences([PROMPTS[0].tolist()])  # not an actor rollout: validation-like
+    assert not noise._hooks.on and getattr(worker.inference_model, "_r3_last_rollout", None) is None
+    from mindspeed_rl_r3.patches.vllm_ascend_capture import CaptureSession
+
+    assert not CaptureSession.enabled
+    worker.iteration = 0
+    worker.sharding_manager.enter_infer_mode()
+    assert noise.last_metrics["aqn/sigma"] == 0.0
+
+
+def test_partial_rollout_joins_segments_like_tokens(fakes, integration):  # noqa: F811
+    integration()
+    worker, model, _ = build_worker(partial=True, n=1)
+    worker.initialize()
+    td = dock(worker, partial=True)
+    worker.generate_sequences()
+    first = [decode(td.experience_data[ROUTED_EXPERTS][i]) for i in range(2)]
+    first_lp = [td.experience_data[ROLLOUT_LOG_PROBS][i].clone() for i in range(2)]
+    assert all(td.experience_data["response_length"][i].item() == 3 for i in range(2))
+    td.experience_consumer_status["actor_rollout"].zero_()  # the dock hands unfinished samples out again
+    worker.generate_sequences()
+    for i in range(2):
+        ids = td.experience_data["input_ids"][i].long()
+        trace = decode(td.experience_data[ROUTED_EXPERTS][i])
+        assert ids.numel() == PROMPTS[i].numel() + 6 and trace.rows == ids.numel() - 1
+        assert torch.equal(trace.ids[: first[i].rows], first[i].ids)
+        assert torch.equal(trace.ids.long().sort(-1).values, expected_routing(model, ids[:-1]))
+        assert torch.equal(td.experience_data[ROLLOUT_LOG_PROBS][i][:3], first_lp[i])
+        assert trace.token_hash == token_fingerprint(ids)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"async_engine": True}, "rl_config.async_engine"),
+        ({"multi_turn_enable": True}, "rl_config.multi_turn_enable"),
+        ({"is_multimodal": True}, "rl_config.is_multimodal"),
+    ],
+)
+def test_unsupported_rollout_paths_are_refused_at_initialize(fakes, integration, overrides, message):  # noqa: F811
+    integration()
+    worker, _, _ = build_worker(**overrides)
+    with pytest.raises(RoutingError, match=message):
+        worker.initialize()
+
+
+def test_missing_log_probs_are_refused(fakes, integration):  # noqa: F811
+    integration({"r3": copy.deepcopy(R3_SECTIONS["r3"])})
+    worker, _, _ = build_worker()
+    worker.initialize()
+    dock(worker)
+    worker.inference_model.sampling_params.logprobs = None
+    with pytest.raises(RoutingError, match=r"sampling_config\.logprobs >= 0"):
+        worker.generate_sequences()
