@@ -49,6 +49,15 @@ def _worker_class():
     return Worker
 
 
+def _moe_logging_tracker() -> dict:
+    """Megatron's global layer-wise aux-loss tracker: in parallel_state on core 0.12, in moe_utils on 0.16."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe import moe_utils
+
+    getter = getattr(parallel_state, "get_moe_layer_wise_logging_tracker", None)
+    return (getter or moe_utils.get_moe_layer_wise_logging_tracker)()
+
+
 def test_one_grpo_step_replays_rollout_routing_and_reports_metrics(megatron, fakes, integration):  # noqa: F811
     integration()
     from megatron.core import parallel_state
@@ -59,7 +68,7 @@ def test_one_grpo_step_replays_rollout_routing_and_reports_metrics(megatron, fak
 
     # Megatron's layer-wise aux-loss tracker is global and sized by the first MoE model that logs: other tests build
     # 2-layer models, this one has 3.
-    parallel_state.get_moe_layer_wise_logging_tracker().clear()
+    _moe_logging_tracker().clear()
     torch.manual_seed(0)
     model = gpt_model(moe_config(LAYERS))
     chunk = CausalLM(model)
@@ -90,7 +99,7 @@ def test_one_grpo_step_replays_rollout_routing_and_reports_metrics(megatron, fak
     finally:
         for h in handles:
             h.remove()
-        parallel_state.get_moe_layer_wise_logging_tracker().clear()
+        _moe_logging_tracker().clear()
     # The last router call was the update forward of the last sample: it routed what the rollout routed.
     trace, ids = rows["trace"], rows["input_ids"]
     for j, n in enumerate(sorted(maps)):
