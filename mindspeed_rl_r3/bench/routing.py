@@ -109,7 +109,8 @@ def run_routing_bench(cfg: RoutingBenchConfig | None = None, progress: Callable[
             for _ in range(cfg.group_size)
         ]
         group_payloads = encode_group(group, cfg.prompt_len)
-        assert all(torch.equal(a.ids, b.ids) for a, b in zip(decode_group(group_payloads), group, strict=True))
+        if not all(torch.equal(a.ids, b.ids) for a, b in zip(decode_group(group_payloads), group, strict=True)):
+            raise RuntimeError("benchmark self-check failed: group dedupe did not round-trip")
         bytes_dedupe = sum(p.numel() * 4 for p in group_payloads) / (tokens * cfg.group_size)
 
         say("throughput")
