@@ -25,12 +25,11 @@ parallelism only moves whole experts. Rollout layouts of the merged tensors:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from mindspeed_rl_r3.lora.names import GROUPED_LORA_SUFFIXES, strip_wrappers
+from mindspeed_rl_r3.lora.names import GROUPED_LORA_SUFFIXES, model_chunks, strip_wrappers
 
 MERGED_MARK = "_r3_lora_merged"
 
@@ -160,13 +159,6 @@ def peft_layer_delta(module: Any) -> torch.Tensor | None:
     return delta
 
 
-def _chunks(model: Any) -> Iterator[Any]:
-    if isinstance(model, (list, tuple)):
-        yield from model
-    else:
-        yield model
-
-
 def merged_state_dict(model: Any, clone: bool = True) -> dict[str, torch.Tensor]:
     """The weights the rollout must run, in wrapper-free Megatron names without any LoRA name.
 
@@ -177,7 +169,7 @@ def merged_state_dict(model: Any, clone: bool = True) -> dict[str, torch.Tensor]
     layers stay consistent (B is column-split or A row-split with the base) and grouped experts are this EP rank's.
     """
     out: dict[str, torch.Tensor] = {}
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         modules = dict(chunk.named_modules())
         for name, param in chunk.named_parameters():
             clean = strip_wrappers(name)

@@ -15,7 +15,7 @@ sync maps to slots; :func:`check_name_mapping` asserts every slot is written by 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -346,3 +346,8 @@ def _lora_partner(name: str) -> str | None:
             other = suffix[:-1] + ("b" if suffix.endswith("a") else "a")
             return name[: -len(suffix)] + other
     return None
+
+
+def model_chunks(model: Any) -> Iterator[Any]:
+    """The model chunks of ``model``: itself, or each element of a (virtual-pipeline) list of chunks."""
+    yield from model if isinstance(model, (list, tuple)) else (model,)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mindspeed_rl_r3.lora.merge import is_grouped_lora_experts
+from mindspeed_rl_r3.lora.names import model_chunks
 from mindspeed_rl_r3.lora.router import initial_router_weights
 
 
@@ -26,10 +27,6 @@ class DisabledAdapters:
     peft_layers: int
     grouped_experts: int
     routers: int
-
-
-def _chunks(model: Any) -> Iterator[Any]:
-    yield from model if isinstance(model, (list, tuple)) else (model,)
 
 
 def _is_peft_tuner(module: Any) -> bool:
@@ -47,7 +44,7 @@ def adapters_disabled(model: Any, initial_router: bool = True) -> Iterator[Disab
     """
     peft_layers: dict[int, Any] = {}
     grouped: dict[int, Any] = {}
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for name, module in chunk.named_modules():
             if _is_peft_tuner(module):
                 if getattr(module, "merged", False):
@@ -77,7 +74,7 @@ def adapters_disabled(model: Any, initial_router: bool = True) -> Iterator[Disab
 
 def lora_contribution_is_off(model: Any) -> bool:
     """True if every peft layer is disabled and every grouped LoRA expert has ``scaling == 0``."""
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for module in chunk.modules():
             if _is_peft_tuner(module) and not module.disable_adapters:
                 return False

@@ -19,20 +19,16 @@ from typing import Any
 
 import torch
 
-from mindspeed_rl_r3.lora.names import strip_wrappers
+from mindspeed_rl_r3.lora.names import model_chunks, strip_wrappers
 
 ROUTER_SUFFIX = "mlp.router"
 INITIAL_WEIGHT_ATTR = "_r3_initial_router_weight"
 
 
-def _chunks(model: Any) -> Iterator[Any]:
-    yield from model if isinstance(model, (list, tuple)) else (model,)
-
-
 def iter_routers(model: Any) -> Iterator[tuple[str, torch.nn.Module]]:
     """``(wrapper-free module name, router)`` for every module named ``*.mlp.router`` with a ``weight``."""
     seen: set[int] = set()
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for name, module in chunk.named_modules():
             clean = strip_wrappers(name)
             is_router = clean == ROUTER_SUFFIX or clean.endswith("." + ROUTER_SUFFIX)
