@@ -11,7 +11,7 @@ from mindspeed_rl_r3.replay.state import (
     RouterReplayState,
 )
 from mindspeed_rl_r3.routing import RoutingError, RoutingTrace
-from mindspeed_rl_r3.routing.layout import ReplayBatch, RouterTokenLayout, layout_micro_batch, traces_from_router_ids
+from mindspeed_rl_r3.routing.layout import ReplayBatch, RouterTokenLayout, layout_micro_batch, traces_from_recorded
 from tests.megatron_models import NUM_EXPERTS, TOPK, batch, capture_routing, gpt_model, map_to_ids, moe_config
 
 pytestmark = pytest.mark.megatron
@@ -112,14 +112,24 @@ def _record(model, state, seed=0):
     return state.take_recorded()
 
 
+def _recorded_traces(recorded):
+    """Per-sample traces of a one-micro-batch recorded pass (both layers of the 2-layer model)."""
+    return traces_from_recorded(
+        recorded,
+        [[S] * B],
+        RouterTokenLayout(),
+        trace_layers=[0, 1],
+        layer_numbers=[1, 2],
+        num_layers=2,
+        num_experts=NUM_EXPERTS,
+    )
+
+
 def test_r2_replay_restores_recorded_routing_after_the_router_changes(megatron):
     model, state = _model(megatron)
     recorded = _record(model, state)
     numbers = sorted(recorded)
-    stacked = torch.stack([recorded[n][0] for n in numbers], dim=1)
-    traces = traces_from_router_ids(
-        stacked, [S] * B, RouterTokenLayout(), layers=[n - 1 for n in numbers], num_layers=2, num_experts=NUM_EXPERTS
-    )
+    traces = _recorded_traces(recorded)
     with torch.no_grad():
         for _, router in megatron.iter_routers(model):
             router.weight.add_(torch.randn_like(router.weight))
@@ -141,12 +151,7 @@ def test_r2_replay_restores_recorded_routing_after_the_router_changes(megatron):
 
 def test_replaying_native_ids_reproduces_native_loss_and_gradients_exactly(megatron):
     model, state = _model(megatron)
-    recorded = _record(model, state)
-    numbers = sorted(recorded)
-    stacked = torch.stack([recorded[n][0] for n in numbers], dim=1)
-    traces = traces_from_router_ids(
-        stacked, [S] * B, RouterTokenLayout(), layers=[0, 1], num_layers=2, num_experts=NUM_EXPERTS
-    )
+    traces = _recorded_traces(_record(model, state))
     model.zero_grad()
     native_loss = _run(model)
     native_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
@@ -260,11 +265,7 @@ def test_recompute_replays_the_same_ids_in_1f1b_order(megatron, recompute):
 
 def test_misaligned_routing_trips_the_alarm(megatron):
     model, state = _model(megatron, alarm_min_rows=8)
-    recorded = _record(model, state)
-    stacked = torch.stack([recorded[n][0] for n in sorted(recorded)], dim=1)
-    aligned = traces_from_router_ids(
-        stacked, [S] * B, RouterTokenLayout(), layers=[0, 1], num_layers=2, num_experts=NUM_EXPERTS
-    )
+    aligned = _recorded_traces(_record(model, state))
     shifted = [RoutingTrace(torch.roll(t.ids, 3, dims=0), NUM_EXPERTS) for t in aligned]
     state.begin_pass(RouterAction.REPLAY)
     state.load(_replay_batch(aligned))
@@ -356,7 +357,7 @@ def test_binding_refuses_what_cannot_replay(megatron):
 
 def test_r2_records_per_micro_batch_and_replays_under_another_split(megatron):
     from mindspeed_rl_r3.replay.state import action_for
-    from mindspeed_rl_r3.routing.layout import select_micro_batch, traces_from_recorded
+    from mindspeed_rl_r3.routing.layout import select_micro_batch
 
     model, state = _model(megatron)
     r2 = ReplayConfig(mode="R2")
