@@ -190,19 +190,27 @@ class TrainerWorker:
         return [slice(i, min(i + mbs, n)) for i in range(0, n, mbs)]
 
     def _pass(self, action: RouterAction, tokens, lens, traces, *, grad_fn=None) -> tuple[torch.Tensor, dict]:
-        """One forward pass over the micro-batches with replay/observation loaded per micro-batch."""
+        """One forward pass over the micro-batches with replay/observation loaded per micro-batch.
+
+        The routing actually used is compared with the rollout's only in the forward-only pass that consumes routing
+        (the old-log-prob pass); the update and reference passes skip that measurement.
+        """
         logps, mismatch, recorded = [], torch.zeros(len(self.layers)), torch.zeros(len(self.layers))
+        measure = grad_fn is None and action is not RouterAction.NATIVE
         self.state.begin_pass(action)
         for mb in self._micro_batches(tokens.shape[0]):
             s = int(lens[mb].max())
-            replay = layout_micro_batch(traces[mb], lens[mb], RouterTokenLayout(), padded_len=s)
+            replay = None
             if action is not RouterAction.NATIVE:
+                replay = layout_micro_batch(traces[mb], lens[mb], RouterTokenLayout(), padded_len=s)
                 self.state.load(replay)
             if grad_fn is None:
                 with torch.no_grad():
                     logps.append(self._forward(tokens[mb, :s]))
             else:
                 grad_fn(mb, self._forward(tokens[mb, :s]))
+            if not measure:
+                continue
             for j, n in enumerate(replay.layer_numbers):
                 ids, missing = replay.column(j)
                 want = torch.zeros(ids.shape[0], self.spec.num_experts, dtype=torch.bool).scatter_(1, ids, True)
