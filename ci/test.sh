@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Fresh-machine test run: a venv with the CPU torch wheel, the package with its test extras, ruff, and the suite on
-# megatron-core 0.12.1 (MindSpeed-RL's pin) and again, for the replay tests, on 0.16.1 (native RouterReplay hook).
+# Fresh-machine test run, two environments:
+# 1. .venv: the CPU torch wheel, megatron-core 0.12.1 (MindSpeed-RL's pin) and the package with its test extras; ruff,
+#    the suite, and the replay tests again on megatron-core 0.16.1 (native RouterReplay hook);
+# 2. .venv-upstream (ci/upstream/install.sh): torch 2.8.0 with the real vLLM 0.11.0 engine, in which tests/upstream
+#    runs against the real MindSpeed-RL / MindSpeed / MindSpeed-LLM / vllm-ascend sources of ../shared/upstream.
+# Any upstream-backed test that skips while ../shared/upstream exists fails the run (tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -14,3 +18,8 @@ echo "== tests, megatron-core 0.12.1 =="
 python -m pytest -q
 echo "== replay tests, megatron-core 0.16.1 =="
 PYTHONPATH=.venv/megatron-core-0.16 python -m pytest -q -m megatron
+deactivate
+echo "== upstream environment: torch 2.8.0, vLLM 0.11.0, megatron-core 0.12.1 =="
+bash ci/upstream/install.sh .venv-upstream 2>&1 | grep -v "^WARNING: Location"
+echo "== tests against the real upstream sources =="
+.venv-upstream/bin/python -m pytest -q tests/upstream

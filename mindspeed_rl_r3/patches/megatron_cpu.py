@@ -32,7 +32,10 @@ _TE_NAMES = (
 
 
 def _refuse_on_accelerators() -> None:
-    if importlib.util.find_spec("torch_npu") is not None or torch.cuda.is_available():
+    from mindspeed_rl_r3.patches import cpu_backend
+
+    npu = cpu_backend.real_torch_npu_present() if cpu_backend.installed() else importlib.util.find_spec("torch_npu")
+    if npu or torch.cuda.is_available():
         raise RuntimeError(
             "megatron_cpu redirects CUDA calls to the CPU and is only for machines without NPU/GPU; "
             "torch_npu or CUDA is present here"

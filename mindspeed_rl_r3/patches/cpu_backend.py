@@ -1,0 +1,303 @@
+"""Run MindSpeed-RL's own modules on a machine without an Ascend NPU: the one place that stands in for the device.
+
+Tests (and the CPU runs of MindSpeed-RL's flow) import the real MindSpeed-RL, MindSpeed, MindSpeed-LLM and vllm-ascend
+sources. What cannot load on a CPU machine is replaced here, and nothing else:
+
+- ``torch_npu`` (with ``torch_npu.contrib.transfer_to_npu``), ``torchair`` and ``acl``: catch-all modules. Every
+  attribute is another catch-all kept on its parent (never put into ``sys.modules``: MindSpeed's patch loop scans
+  every module there per patch, and self-registering children make it grow without bound); calling one with a single
+  function or class returns it unchanged (decorators such as torchair's ``register_fx_node_ge_converter``), any other
+  call returns a catch-all. They answer imports and module-level attribute reads; a device op actually called on a
+  CPU path fails loudly (a catch-all is not a tensor).
+- ``torch.npu``: the CPU as device 0 (``current_device`` / ``set_device`` / ``device_count`` / ``synchronize`` /
+  ``empty_cache`` / memory counters), for MindSpeed-RL's worker setup and offload code.
+- ``Tensor.npu``: identity (MindSpeed-RL's loss functions move masks with ``.npu()``).
+- megatron-core's CUDA assumptions: :mod:`mindspeed_rl_r3.patches.megatron_cpu` (RNG trackers, ``current_device``).
+
+:func:`install` refuses when a real ``torch_npu`` is importable: on an NPU machine nothing here is ever active.
+:func:`upstream_paths` returns the pinned upstream folders (``../shared/upstream`` beside a checkout, or
+``MINDSPEED_RL_R3_UPSTREAM``) in the order they go on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STANDIN_ROOTS = ("torch_npu", "torchair", "acl")
+MARK = "__mindspeed_rl_r3_standin__"  # attribute on every stand-in module
+ENV_UPSTREAM = "MINDSPEED_RL_R3_UPSTREAM"
+# Folders of the pinned upstream tree; MindSpeed-RL first (its ``cli`` / ``mindspeed_rl``), the rest appended.
+UPSTREAM_FOLDERS = ("MindSpeed-RL", "vllm-ascend", "MindSpeed-LLM", "MindSpeed", "Megatron-LM")
+
+
+class CpuBackendError(RuntimeError):
+    """The CPU backend cannot be installed here (a real NPU stack is present, or the upstream tree is missing)."""
+
+
+class AnyModule(types.ModuleType):
+    """A module whose every attribute is another such module (see the module docstring)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.__path__: list[str] = []
+        setattr(self, MARK, True)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        child = AnyModule(f"{self.__name__}.{name}")
+        object.__setattr__(self, name, child)  # kept on the parent, never in sys.modules
+        return child
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) == 1 and not kwargs and isinstance(args[0], (types.FunctionType, type)):
+            return args[0]  # a decorator: leave the function alone
+        return AnyModule(f"{self.__name__}()")
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+    def __bool__(self) -> bool:
+        return False  # feature probes such as ``if torch_npu.some_flag`` take the plain path
+
+
+class _StandinFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves ``import torch_npu[.x.y]`` / ``torchair`` / ``acl`` as :class:`AnyModule`."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname.split(".")[0] in STANDIN_ROOTS:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        return AnyModule(spec.name)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        pass
+
+
+class _InertEvent:
+    """A device event on a machine where every op has already finished."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _InertStream:
+    """The CPU's single stream: waits and synchronisation are no-ops; all stand-in streams compare equal."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> _InertEvent:
+        return event if event is not None else _InertEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _InertStream)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+class _CpuNpu(types.ModuleType):
+    """``torch.npu`` on a CPU machine: one device, index 0, that is the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.npu")
+        setattr(self, MARK, True)
+        self._device = 0
+
+    def is_available(self) -> bool:
+        return False
+
+    def device_count(self) -> int:
+        return 1
+
+    def current_device(self) -> int:
+        return self._device
+
+    def set_device(self, device: Any) -> None:
+        self._device = 0
+
+    def synchronize(self, device: Any = None) -> None:
+        pass
+
+    def empty_cache(self) -> None:
+        pass
+
+    def memory_allocated(self, device: Any = None) -> int:
+        return 0
+
+    def max_memory_allocated(self, device: Any = None) -> int:
+        return 0
+
+    def memory_reserved(self, device: Any = None) -> int:
+        return 0
+
+    def reset_peak_memory_stats(self, device: Any = None) -> None:
+        pass
+
+    def manual_seed(self, seed: int) -> None:
+        pass
+
+    def manual_seed_all(self, seed: int) -> None:
+        pass
+
+    # Streams and events: one inert CPU stream (vllm-ascend creates them at import and in layer constructors).
+    Stream = _InertStream
+    Event = _InertEvent
+
+    def current_stream(self, device: Any = None) -> _InertStream:
+        return _InertStream()
+
+    def stream(self, stream: Any = None) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+_finder: _StandinFinder | None = None
+_originals: list[tuple[Any, str, Any]] = []
+
+
+def real_torch_npu_present() -> bool:
+    """Whether a real ``torch_npu`` is importable (looked up without the stand-in finder)."""
+    return any(
+        finder is not _finder and getattr(finder, "find_spec", None) and finder.find_spec("torch_npu", None)
+        for finder in sys.meta_path
+    )
+
+
+def is_standin(module: Any) -> bool:
+    return bool(getattr(module, MARK, False)) if isinstance(module, types.ModuleType) else False
+
+
+def installed() -> bool:
+    return _finder is not None
+
+
+_MISSING = object()
+
+
+def _set(owner: Any, name: str, value: Any) -> None:
+    _originals.append((owner, name, owner.__dict__.get(name, _MISSING)))
+    setattr(owner, name, value)
+
+
+def install() -> None:
+    """Install every stand-in and megatron-core's CPU redirections (idempotent)."""
+    global _finder
+    if _finder is not None:
+        return
+    if real_torch_npu_present() or torch.cuda.is_available():
+        raise CpuBackendError(
+            "the MindSpeed-RL CPU backend stands in for torch_npu and must never run on an accelerator machine: "
+            + ("a real torch_npu is importable here" if real_torch_npu_present() else "CUDA is available here")
+        )
+    for name in [m for m in sys.modules if m.split(".")[0] in STANDIN_ROOTS]:
+        if not is_standin(sys.modules[name]):
+            raise CpuBackendError(f"{name} is already imported and is not a stand-in; install the backend first")
+    _finder = _StandinFinder()
+    sys.meta_path.insert(0, _finder)
+    _set(torch, "npu", _CpuNpu())
+    sys.modules["torch.npu"] = torch.npu
+    _set(torch.Tensor, "npu", _identity_move)
+
+    from mindspeed_rl_r3.patches.megatron_cpu import enable_megatron_on_cpu
+
+    enable_megatron_on_cpu()
+
+
+def _identity_move(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return self
+
+
+def uninstall() -> None:
+    """Remove the stand-ins (megatron-core's CPU redirections stay: they are process-wide and harmless on CPU)."""
+    global _finder
+    if _finder is None:
+        return
+    sys.meta_path.remove(_finder)
+    _finder = None
+    for name in [m for m in sys.modules if m.split(".")[0] in STANDIN_ROOTS or m == "torch.npu"]:
+        sys.modules.pop(name)
+    while _originals:
+        owner, name, value = _originals.pop()
+        if value is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, value)
+
+
+def upstream_root(start: str | os.PathLike | None = None) -> Path | None:
+    """The pinned upstream tree: ``$MINDSPEED_RL_R3_UPSTREAM``, else ``shared/upstream`` beside the checkout."""
+    env = os.environ.get(ENV_UPSTREAM)
+    if env:
+        return Path(env).resolve()
+    here = Path(start) if start is not None else Path(__file__).resolve().parents[2]
+    candidate = here.parent / "shared" / "upstream"
+    return candidate if (candidate / "MindSpeed-RL" / "mindspeed_rl").is_dir() else None
+
+
+def upstream_paths(root: str | os.PathLike) -> list[Path]:
+    """The folders of ``root`` to put on ``sys.path``, MindSpeed-RL first; raises naming any that is missing."""
+    base = Path(root)
+    paths = [base / folder for folder in UPSTREAM_FOLDERS]
+    missing = [str(p) for p in paths if not p.is_dir()]
+    if missing:
+        raise CpuBackendError(f"upstream tree {base} lacks {missing}")
+    return paths
+
+
+def use_upstream(root: str | os.PathLike) -> list[str]:
+    """Put the pinned upstream sources on ``sys.path`` and make ``megatron.training`` & co. importable beside the
+    registry's ``megatron-core`` (whose wheel ships only ``megatron/core``). Returns the entries added."""
+    added = []
+    for i, path in enumerate(upstream_paths(root)):
+        entry = str(path)
+        if entry in sys.path:
+            continue
+        if i == 0:
+            sys.path.insert(0, entry)
+        else:
+            sys.path.append(entry)
+        added.append(entry)
+    megatron_lm = Path(root) / "Megatron-LM" / "megatron"
+    spec = importlib.util.find_spec("megatron")
+    if spec is not None and spec.submodule_search_locations is not None:
+        import megatron
+
+        if str(megatron_lm) not in list(megatron.__path__):
+            megatron.__path__.append(str(megatron_lm))
+    return added
+
