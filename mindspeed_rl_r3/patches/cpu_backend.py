@@ -301,3 +301,25 @@ def use_upstream(root: str | os.PathLike) -> list[str]:
             megatron.__path__.append(str(megatron_lm))
     return added
 
+
+
+def ray_worker_setup() -> None:
+    """Ray ``worker_process_setup_hook`` for CPU runs of MindSpeed-RL's actors: every worker process gets the
+    stand-ins, the upstream sources of ``$MINDSPEED_RL_R3_UPSTREAM`` and the package's import hook (which patches
+    MindSpeed-RL's modules when the job's sections are in the environment)."""
+    root = os.environ.get(ENV_UPSTREAM)
+    if not root:
+        raise CpuBackendError(f"ray_worker_setup needs {ENV_UPSTREAM} in the job's env_vars")
+    install()
+    use_upstream(root)
+    from mindspeed_rl_r3 import autopatch
+
+    autopatch.install()
+
+
+def ray_runtime_env(root: str | os.PathLike, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Ray ``runtime_env`` whose workers run :func:`ray_worker_setup` on ``root``."""
+    return {
+        "worker_process_setup_hook": f"{__name__}.ray_worker_setup",
+        "env_vars": {ENV_UPSTREAM: str(Path(root).resolve()), "RAY_AUTH_MODE": "disabled", **(env_vars or {})},
+    }
