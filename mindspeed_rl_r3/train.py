@@ -79,10 +79,13 @@ def _runtime_env_file(path: str, config_dir: Path) -> Path:
 def job_runtime_env(config: Mapping[str, Any], config_dir: Path) -> dict[str, Any]:
     """The Ray job's runtime_env as ``cli/train_grpo.py::main`` builds it, plus the sections and the setup hook."""
     import yaml
-    from mindspeed_rl.config_cls.generate_config import GenerateConfig
-    from mindspeed_rl.config_cls.rl_config import RLConfig
 
     from mindspeed_rl_r3 import autopatch
+    from mindspeed_rl_r3.patches import cpu_backend
+
+    _import_upstream_entry()
+    from mindspeed_rl.config_cls.generate_config import GenerateConfig
+    from mindspeed_rl.config_cls.rl_config import RLConfig
 
     rl_config = RLConfig(config.get("rl_config"))
     generate_config = GenerateConfig(config.get("generate_config"))
@@ -94,7 +97,12 @@ def job_runtime_env(config: Mapping[str, Any], config_dir: Path) -> dict[str, An
     env_vars["IS_MULTIMODAL"] = str(rl_config.is_multimodal)
     env_vars["HCCL_BUFFSIZE"] = str(rl_config.hccl_buffersize)
     runtime_env["env_vars"] = env_vars
-    return autopatch.job_runtime_env(runtime_env)
+    runtime_env = autopatch.job_runtime_env(runtime_env)
+    if cpu_backend.installed():  # a CPU run: every worker needs the stand-ins before it imports MindSpeed-RL
+        cpu = cpu_backend.ray_runtime_env(cpu_backend.upstream_root() or "")
+        runtime_env["worker_process_setup_hook"] = cpu["worker_process_setup_hook"]
+        runtime_env["env_vars"] = {**cpu["env_vars"], **runtime_env["env_vars"]}
+    return runtime_env
 
 
 def prepare_job(
@@ -117,6 +125,27 @@ def prepare_job(
     return msrl_config, job_runtime_env(msrl_config, config_dir)
 
 
+def upstream_config(msrl_config: Mapping[str, Any]) -> Any:
+    """The config object MindSpeed-RL's ``train`` task receives: a hydra ``DictConfig``, as its own ``main`` passes.
+
+    MindSpeed-RL reads nested sections by attribute (``rl_config.actor_resource.num_npus`` in ``validate_rl_args``),
+    which a plain dict does not allow.
+    """
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(dict(msrl_config))
+
+
+def _import_upstream_entry() -> Any:
+    try:
+        return importlib.import_module(UPSTREAM_ENTRY)
+    except ImportError as err:
+        raise ConfigError(
+            f"cannot import MindSpeed-RL's {UPSTREAM_ENTRY} ({err}): put the MindSpeed-RL checkout on PYTHONPATH "
+            "(or run from it)"
+        ) from None
+
+
 def run_job(msrl_config: Mapping[str, Any], runtime_env: Mapping[str, Any]) -> None:
     """Start Ray with ``runtime_env`` and run MindSpeed-RL's remote GRPO ``train`` task to the end."""
     import ray
@@ -126,15 +155,9 @@ def run_job(msrl_config: Mapping[str, Any], runtime_env: Mapping[str, Any]) -> N
     autopatch.install()
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in this process; the job's runtime_env cannot carry the patches")
-    try:
-        upstream = importlib.import_module(UPSTREAM_ENTRY)
-    except ImportError as err:
-        raise RuntimeError(
-            f"cannot import MindSpeed-RL's {UPSTREAM_ENTRY} ({err}): put the MindSpeed-RL checkout on PYTHONPATH "
-            "(or run from it)"
-        ) from None
+    upstream = _import_upstream_entry()
     ray.init(runtime_env=dict(runtime_env))
-    ray.get(upstream.train.remote(dict(msrl_config)))
+    ray.get(upstream.train.remote(upstream_config(msrl_config)))
 
 
 def run_training(config_name: str, config_path: str | None = None, overrides: Sequence[str] = ()) -> None:
@@ -146,8 +169,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The entry's options (also the CLI's ``train`` subcommand)."""
     parser.add_argument("--config-name", "-cn", required=True, help="hydra config name (without .yaml)")
     parser.add_argument("--config-path", "-cp", help=f"config directory (default {REPO_CONFIGS})")
+    parser.add_argument(
+        "--cpu-backend",
+        action="store_true",
+        help="run MindSpeed-RL on this machine's CPU with the stand-ins of mindspeed_rl_r3.patches.cpu_backend and "
+        "the pinned upstream sources ($MINDSPEED_RL_R3_UPSTREAM or ../shared/upstream); refused where torch_npu is "
+        "installed",
+    )
     parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. rl_config.n_samples_per_prompt=4")
     return parser
+
+
+def use_cpu_backend() -> None:
+    """Install the CPU backend and put the pinned upstream sources on ``sys.path`` (``--cpu-backend``)."""
+    from mindspeed_rl_r3.patches import cpu_backend
+
+    root = cpu_backend.upstream_root()
+    if root is None:
+        raise ConfigError(
+            f"--cpu-backend needs the pinned upstream sources: set {cpu_backend.ENV_UPSTREAM} to a folder holding "
+            f"{', '.join(cpu_backend.UPSTREAM_FOLDERS)}"
+        )
+    cpu_backend.install()
+    cpu_backend.use_upstream(root)
+    os.environ[cpu_backend.ENV_UPSTREAM] = str(root)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,8 +204,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     """0: training finished; 2: the config could not be composed or validated (message on stderr). Errors during
     training propagate with their traceback."""
     try:
+        if getattr(args, "cpu_backend", False):
+            use_cpu_backend()
         job = prepare_job(args.config_name, args.config_path, args.overrides)
-    except (ValueError, FileNotFoundError) as err:  # ConfigError, MindSpeed-RL's unknown-key ValueError
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # ConfigError, MindSpeed-RL's unknown-key ValueError
         print(f"mindspeed_rl_r3.train: {err}", file=sys.stderr)
         return 2
     run_job(*job)

@@ -1,6 +1,7 @@
 """Tiny Qwen3-MoE models for the LoRA tests: a megatron-core GPTModel (local spec, qk-norm, swiglu, RoPE, untied),
-the matching transformers model, peft LoRA on it, MindSpeed-LLM-style grouped LoRA experts (from the fake), and a
-stand-in for vllm-ascend's parameter set. Needs megatron-core / transformers / peft; tests skip without them."""
+the matching transformers model, peft LoRA on it, MindSpeed-LLM's grouped LoRA experts (the real class in
+tests/upstream, the fake elsewhere), and a stand-in for vllm-ascend's parameter set. Needs megatron-core /
+transformers / peft; tests skip without them."""
 
 from __future__ import annotations
 
@@ -95,12 +96,13 @@ def grouped_experts_class():
     return LoraParallelGroupedMLP
 
 
-def install_grouped_lora_experts(model, r: int = LORA_R, alpha: int = LORA_ALPHA) -> None:
-    """Swap every ``SequentialMLP`` for MindSpeed-LLM's ``LoraParallelGroupedMLP`` (fake) with the same weights, as
-    ``lora_moe_layer_init`` builds it when LoRA and ``moe_grouped_gemm`` are on. The adapter starts as a no-op."""
+def install_grouped_lora_experts(model, r: int = LORA_R, alpha: int = LORA_ALPHA, grouped_cls=None) -> None:
+    """Swap every ``SequentialMLP`` for MindSpeed-LLM's ``LoraParallelGroupedMLP`` (``grouped_cls``, the fake by
+    default) with the same weights, as ``lora_moe_layer_init`` builds it when LoRA and ``moe_grouped_gemm`` are on.
+    The adapter starts as a no-op."""
     from types import SimpleNamespace
 
-    grouped_cls = grouped_experts_class()
+    grouped_cls = grouped_cls or grouped_experts_class()
     for layer in model.decoder.layers:
         old = layer.mlp.experts
         experts = grouped_cls(old.num_local_experts, model.config, SimpleNamespace(r=r, lora_alpha=alpha))
@@ -136,17 +138,18 @@ def train(model, steps: int = 3, lr: float = 0.05, seed: int = 1) -> None:
 
 class VllmAscendQwen3Moe(torch.nn.Module):
     """Stand-in for vllm-ascend's ``Qwen3MoeForCausalLM`` parameters after ``process_weights_after_loading``:
-    fused ``qkv_proj``, ``w13_weight`` ``[E, H, 2I]`` and ``w2_weight`` ``[E, I, H]``."""
+    fused ``qkv_proj``, ``w13_weight`` ``[E, H, 2I]`` and ``w2_weight`` ``[E, I, H]`` (E: the experts of one of
+    ``infer_ep`` ranks)."""
 
-    def __init__(self, shape: Qwen3MoeShape = SHAPE, dtype: torch.dtype = torch.float32):
+    def __init__(self, shape: Qwen3MoeShape = SHAPE, dtype: torch.dtype = torch.float32, infer_ep: int = 1):
         super().__init__()
-        h, d, i, e = shape.hidden_size, shape.head_dim, shape.moe_ffn_hidden_size, shape.num_experts
+        h, d, i, e = shape.hidden_size, shape.head_dim, shape.moe_ffn_hidden_size, shape.num_experts // infer_ep
         shapes = {
             "qkv_proj.weight": (shape.qkv_rows, h),
             "o_proj.weight": (h, shape.num_attention_heads * d),
             "q_norm.weight": (d,),
             "k_norm.weight": (d,),
-            "gate.weight": (e, h),
+            "gate.weight": (shape.num_experts, h),
             "w13_weight": (e, h, 2 * i),
             "w2_weight": (e, i, h),
             "input_layernorm.weight": (h,),

@@ -71,6 +71,20 @@ class AnyModule(types.ModuleType):
     def __bool__(self) -> bool:
         return False  # feature probes such as ``if torch_npu.some_flag`` take the plain path
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return _standin_named, (self.__name__,)  # Ray pickles remote functions by value, globals included
+
+
+def _standin_named(name: str) -> Any:
+    """The stand-in called ``name`` in this process (which must run the backend: a Ray worker's setup hook)."""
+    if name.endswith("()"):
+        return AnyModule(name)
+    root, *path = name.split(".")
+    module = importlib.import_module(root)
+    for part in path:
+        module = getattr(module, part)
+    return module
+
 
 class _StandinFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Serves ``import torch_npu[.x.y]`` / ``torchair`` / ``acl`` as :class:`AnyModule`."""
@@ -84,7 +98,48 @@ class _StandinFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return AnyModule(spec.name)
 
     def exec_module(self, module: types.ModuleType) -> None:
-        pass
+        # MindSpeed's op_builder reads torch_npu.__file__ at import; nothing is ever loaded from it.
+        module.__file__ = f"/nonexistent/{module.__name__.replace('.', '/')}/__init__.py"
+        for name, op in _DEVICE_OPS.get(module.__name__, {}).items():
+            setattr(module, name, op)
+
+
+def _npu_swiglu(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``torch_npu.npu_swiglu`` (MindSpeed's ``fused_swiglu``): silu(first half) * second half along ``dim``."""
+    gate, up = x.chunk(2, dim=dim)
+    return torch.nn.functional.silu(gate) * up
+
+
+def _cpu_gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes: Any, trans_b: bool = False, **_: Any) -> torch.Tensor:
+    """Grouped GEMM (``gg.ops.gmm``; MindSpeed answers it with ``npu_gmm``): rows of ``a`` split by
+    ``batch_sizes``, group ``i`` times ``b[i]``."""
+    counts = [int(c) for c in torch.as_tensor(batch_sizes).tolist()]
+    groups = [x @ (w.t() if trans_b else w) for x, w in zip(a.split(counts), b.unbind(0), strict=True)]
+    return torch.cat(groups) if groups else a.new_zeros(0, b.shape[-2 if trans_b else -1])
+
+
+def _npu_moe_gating_top_k_softmax(x: torch.Tensor, finished: Any = None, k: int = 1) -> tuple[torch.Tensor, ...]:
+    """``torch_npu.npu_moe_gating_top_k_softmax`` (vllm-ascend's select_experts): softmax, then top-k;
+    returns (weights in x's dtype, int32 expert ids, int32 row ids ``[T, k]`` = ``j * T + t``)."""
+    weights, ids = torch.softmax(x.float(), dim=-1).topk(k, dim=-1)
+    rows = torch.arange(k * x.shape[0], dtype=torch.int32).view(k, -1).t().contiguous()
+    return weights.to(x.dtype), ids.to(torch.int32), rows
+
+
+# Device ops with a CPU implementation, per stand-in module (everything else stays a catch-all).
+_DEVICE_OPS: dict[str, dict[str, Callable[..., Any]]] = {
+    "torch_npu": {"npu_swiglu": _npu_swiglu, "npu_moe_gating_top_k_softmax": _npu_moe_gating_top_k_softmax},
+}
+
+
+def _install_grouped_gemm() -> None:
+    """megatron's ``grouped_gemm_util.ops`` (MindSpeed's GroupedMatmulFeature registers npu_gmm there)."""
+    from megatron.core.transformer.moe import grouped_gemm_util as gg
+
+    if gg.ops is None:
+        _set(gg, "ops", types.SimpleNamespace(gmm=_cpu_gmm))
+        _set(gg, "grouped_gemm_is_available", lambda: True)
+        _set(gg, "assert_grouped_gemm_is_available", lambda: None)
 
 
 class _InertEvent:
@@ -131,6 +186,13 @@ class _InertStream:
         return 0
 
 
+class _NoGraph:
+    """``torch.npu.NPUGraph``: a type to annotate with; capturing an ACL graph needs an NPU."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("torch.npu.NPUGraph (ACL graph capture) cannot run on the CPU backend")
+
+
 class _CpuNpu(types.ModuleType):
     """``torch.npu`` on a CPU machine: one device, index 0, that is the CPU."""
 
@@ -138,6 +200,7 @@ class _CpuNpu(types.ModuleType):
         super().__init__("torch.npu")
         setattr(self, MARK, True)
         self._device = 0
+        self.config = types.SimpleNamespace(allow_internal_format=False)  # model_runner_v1 sets it at import
 
     def is_available(self) -> bool:
         return False
@@ -175,9 +238,14 @@ class _CpuNpu(types.ModuleType):
     def manual_seed_all(self, seed: int) -> None:
         pass
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return importlib.import_module, ("torch.npu",)
+
     # Streams and events: one inert CPU stream (vllm-ascend creates them at import and in layer constructors).
     Stream = _InertStream
+    NPUGraph = _NoGraph  # vllm-ascend's acl_graph.py annotates with torch.npu.NPUGraph at import
     Event = _InertEvent
+    ExternalEvent = _InertEvent  # vllm-ascend's acl_graph.py GraphParams annotation
 
     def current_stream(self, device: Any = None) -> _InertStream:
         return _InertStream()
@@ -232,14 +300,32 @@ def install() -> None:
     _set(torch, "npu", _CpuNpu())
     sys.modules["torch.npu"] = torch.npu
     _set(torch.Tensor, "npu", _identity_move)
+    _set(torch.Tensor, "cuda", _identity_move)  # transfer_to_npu's .cuda(): BaseWorker.broadcast_data_hccl
+    for factory in ("tensor", "zeros", "ones"):  # 'npu' / 'cuda' device strings in MindSpeed-RL and megatron-core
+        _set(torch, factory, _device_on_cpu(getattr(torch, factory)))
 
     from mindspeed_rl_r3.patches.megatron_cpu import enable_megatron_on_cpu
 
     enable_megatron_on_cpu()
+    _install_grouped_gemm()
 
 
 def _identity_move(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return self
+
+
+def _device_on_cpu(real: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A tensor factory that puts ``device='npu'`` / ``'cuda'`` tensors on the CPU, as transfer_to_npu puts 'cuda'
+    ones on the NPU (``torch.tensor(..., device='npu')`` in MindSpeed-RL's seqlen_balancing / context_parallel,
+    ``device="cuda"`` in megatron-core's schedules and ``get_default_causal_mask``)."""
+
+    def factory(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        if isinstance(device, str | torch.device) and str(device).split(":")[0] in ("npu", "cuda"):
+            device = "cpu"
+        return real(*args, device=device, **kwargs)
+
+    factory.__doc__ = real.__doc__
+    return factory
 
 
 def uninstall() -> None:
@@ -279,6 +365,15 @@ def upstream_paths(root: str | os.PathLike) -> list[Path]:
     return paths
 
 
+def _vllm_ascend_build_info() -> None:
+    """``vllm_ascend._build_info``, which vllm-ascend's setup.py generates at build time (``is_310p``,
+    ``sleep_mode_enabled``): its defaults, SOC ASCEND910B1, no custom kernels."""
+    if "vllm_ascend._build_info" not in sys.modules:
+        info = types.ModuleType("vllm_ascend._build_info")
+        info.__soc_version__, info.__sleep_mode_enabled__ = "ASCEND910B1", False
+        sys.modules[info.__name__] = info
+
+
 def use_upstream(root: str | os.PathLike) -> list[str]:
     """Put the pinned upstream sources on ``sys.path`` and make ``megatron.training`` & co. importable beside the
     registry's ``megatron-core`` (whose wheel ships only ``megatron/core``). Returns the entries added."""
@@ -292,6 +387,7 @@ def use_upstream(root: str | os.PathLike) -> list[str]:
         else:
             sys.path.append(entry)
         added.append(entry)
+    _vllm_ascend_build_info()
     megatron_lm = Path(root) / "Megatron-LM" / "megatron"
     spec = importlib.util.find_spec("megatron")
     if spec is not None and spec.submodule_search_locations is not None:

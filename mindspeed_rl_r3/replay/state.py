@@ -80,7 +80,11 @@ class ReplayConfig:
     alarm_min_rows: int = 64
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", ReplayMode(self.mode))
+        try:
+            object.__setattr__(self, "mode", ReplayMode(self.mode))
+        except ValueError:
+            choices = [m.value for m in ReplayMode]
+            raise RoutingError(f"r3.mode must be one of {choices}, got {self.mode!r}") from None
         if self.aux_loss_routing not in ("native", "replayed"):
             raise RoutingError(f"r3.aux_loss_routing must be 'native' or 'replayed', got {self.aux_loss_routing!r}")
         if self.on_misaligned not in ("raise", "warn"):
