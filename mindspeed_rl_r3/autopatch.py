@@ -49,6 +49,7 @@ TARGET_MODULES = (
     "mindspeed_rl.trainer.grpo_trainer_hybrid",
     "mindspeed_rl.workers.base_worker",
     "mindspeed_rl.workers.actor_hybrid_worker",
+    "mindspeed_rl.workers.reference_worker",
     "mindspeed_rl.workers.integrated_worker",
     "mindspeed_rl.workers.resharding.megatron_sharding_manager",
     "mindspeed_rl.models.rollout.vllm_engine",

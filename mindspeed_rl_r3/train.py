@@ -76,19 +76,26 @@ def _runtime_env_file(path: str, config_dir: Path) -> Path:
     raise FileNotFoundError(f"rl_config.runtime_env_path {path!r} not found; looked at {[str(c) for c in candidates]}")
 
 
-def job_runtime_env(config: Mapping[str, Any], config_dir: Path) -> dict[str, Any]:
+def upstream_configs(config: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """MindSpeed-RL's own ``(RLConfig, actor MegatronConfig, GenerateConfig)`` of a config, built as
+    ``cli/train_grpo.py::parse_training_config`` builds them (before its Ray-dependent ``validate_rl_args``)."""
+    _import_upstream_entry()
+    from mindspeed_rl.config_cls.generate_config import GenerateConfig
+    from mindspeed_rl.config_cls.megatron_config import MegatronConfig
+    from mindspeed_rl.config_cls.rl_config import RLConfig
+
+    section = upstream_config(config)
+    megatron = MegatronConfig({**section.get("megatron_training"), **section.get("actor_config")}, section.get("model"))
+    return RLConfig(section.get("rl_config")), megatron, GenerateConfig(section.get("generate_config"))
+
+
+def job_runtime_env(rl_config: Any, generate_config: Any, config_dir: Path) -> dict[str, Any]:
     """The Ray job's runtime_env as ``cli/train_grpo.py::main`` builds it, plus the sections and the setup hook."""
     import yaml
 
     from mindspeed_rl_r3 import autopatch
     from mindspeed_rl_r3.patches import cpu_backend
 
-    _import_upstream_entry()
-    from mindspeed_rl.config_cls.generate_config import GenerateConfig
-    from mindspeed_rl.config_cls.rl_config import RLConfig
-
-    rl_config = RLConfig(config.get("rl_config"))
-    generate_config = GenerateConfig(config.get("generate_config"))
     with open(_runtime_env_file(rl_config.runtime_env_path, config_dir), encoding="utf-8") as handle:
         runtime_env = yaml.safe_load(handle) or {}
     env_vars = dict(runtime_env.get("env_vars") or {})
@@ -112,17 +119,23 @@ def prepare_job(
 
     Raises ConfigError / ValueError / FileNotFoundError for a config that cannot run, before anything starts.
     """
+    from mindspeed_rl_r3.config import load_sections
+    from mindspeed_rl_r3.integration.refusals import refusal_message, refusals
     from mindspeed_rl_r3.integration.settings import encode_sections
 
     config = compose_config(config_name, config_path, overrides)
     msrl_config, sections = split_sections(config)
+    rl_config, megatron_config, generate_config = upstream_configs(msrl_config)
     if sections:
+        problems = refusals(rl_config, megatron_config, generate_config, load_sections(sections))
+        if problems:
+            raise ConfigError(refusal_message(problems))
         os.environ[ENV_SECTIONS] = encode_sections(sections)
     else:
         os.environ.pop(ENV_SECTIONS, None)
         print("mindspeed_rl_r3.train: no r3 / aqn / lora_extras sections: plain MindSpeed-RL GRPO", file=sys.stderr)
     config_dir = Path(config_path).resolve() if config_path is not None else REPO_CONFIGS
-    return msrl_config, job_runtime_env(msrl_config, config_dir)
+    return msrl_config, job_runtime_env(rl_config, generate_config, config_dir)
 
 
 def upstream_config(msrl_config: Mapping[str, Any]) -> Any:

@@ -63,12 +63,18 @@ FEED = "_r3_micro_batch_feed"  # engine attribute while a replaying pass runs
 SUPPORTED_CP_ALGOS = ("megatron_cp_algo", "ulysses_cp_algo")
 
 _stage: str | None = None  # the stage whose pass runs now, for the loss-side mismatch
+_temperature: float = 1.0  # the engine's sampling temperature in that pass (its logits arrive divided by it)
 
 
-def stage_of(engine: Any, forward_only: bool) -> str:
-    """``reference``, ``old_log_prob`` or ``update`` for one ``_forward_backward_batch`` call."""
-    if getattr(engine, "role", None) == "reference":
+def stage_of(engine: Any, forward_only: bool) -> str | None:
+    """``reference``, ``old_log_prob`` or ``update`` for one ``_forward_backward_batch`` call; ``None`` for engines
+    that never replay (MindSpeed-RL's reward model and critic are ``BaseTrainingEngine`` too: roles ``reward`` /
+    ``critic``), which run exactly as upstream."""
+    role = getattr(engine, "role", None)
+    if role == "reference":
         return "reference"
+    if role != "actor":
+        return None
     return "old_log_prob" if forward_only else "update"
 
 
@@ -101,8 +107,8 @@ def router_layout(config: Any, parallel_state: Any, remove_padding: bool) -> Rou
                 "megatron_cp_algo with reset_attention_mask but without use_remove_padding splits rows by stale "
                 "sequence lengths; routing replay does not support that layout"
             )
-    else:
-        algo = algo if algo in SUPPORTED_CP_ALGOS else "megatron_cp_algo"  # irrelevant without CP
+    elif algo != "megatron_cp_algo":
+        algo = "ulysses_cp_algo"  # without CP the engine packs samples to 2*tp only for megatron_cp_algo, else to tp
     return RouterTokenLayout(
         tp_size=tp,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
@@ -198,26 +204,26 @@ def _open_feed(engine: Any, runtime: IntegrationRuntime, state: RouterReplayStat
 
 
 @contextmanager
-def _stage_context(stage: str) -> Iterator[None]:
-    global _stage
-    previous, _stage = _stage, stage
+def _stage_context(stage: str, temperature: float) -> Iterator[None]:
+    global _stage, _temperature
+    previous, _stage, _temperature = (_stage, _temperature), stage, temperature
     try:
         yield
     finally:
-        _stage = previous
+        _stage, _temperature = previous
 
 
 def forward_backward_batch_replay_wrapper(fn: Any) -> Any:
     @functools.wraps(fn)
     def _forward_backward_batch(self: Any, batch: Any, forward_only: bool = False) -> Any:
         runtime = active()
-        if runtime is None:
+        stage = None if runtime is None else stage_of(self, forward_only)
+        if stage is None:
             return fn(self, batch, forward_only)
-        stage = stage_of(self, forward_only)
         action = action_for(runtime.config.r3.replay, stage)
         noise = actor_noise(self.model)
         quiet = noise.disabled() if noise is not None and stage == "reference" else contextlib.nullcontext()
-        with _stage_context(stage), quiet:
+        with _stage_context(stage, float(getattr(self, "temperature", 1.0) or 1.0)), quiet:
             if action is RouterAction.NATIVE:
                 return fn(self, batch, forward_only)
             state = replay_state(self, runtime)
@@ -259,6 +265,12 @@ def compute_log_probs_mismatch_wrapper(fn: Any) -> Any:
         if runtime is None or _stage not in ("old_log_prob", "update") or ROLLOUT_LOG_PROBS not in batch:
             return result
         train = result[0].detach().float()
+        if _temperature != 1.0:
+            # vLLM reports raw log-probs (its logprobs_mode "raw_logprobs": before temperature); the engine hands
+            # the loss logits divided by the temperature. Compare like with like: the same upstream computation on
+            # the undivided logits (a logits-sized copy, for the metric only).
+            with torch.no_grad():
+                train = fn(self, output.detach() * _temperature, batch, *args, **kwargs)[0].float()
         rollout = batch[ROLLOUT_LOG_PROBS].to(train.device).float()
         width = min(train.shape[-1], rollout.shape[-1])
         lengths = batch["response_length"].reshape(-1, 1).to(train.device)

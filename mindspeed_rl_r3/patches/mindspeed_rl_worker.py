@@ -30,6 +30,7 @@ from typing import Any
 import ray
 
 from mindspeed_rl_r3.integration.feed import expand_group_payloads
+from mindspeed_rl_r3.integration.refusals import refusal_message, refusals
 from mindspeed_rl_r3.integration.rollout_columns import PreviousSegments, previous_segments, rollout_columns
 from mindspeed_rl_r3.integration.runtime import IntegrationRuntime, active
 from mindspeed_rl_r3.integration.settings import ROLLOUT_LOG_PROBS, ROLLOUT_STAGE, ROUTED_EXPERTS
@@ -41,6 +42,7 @@ from mindspeed_rl_r3.routing.trace import RoutingError
 
 BASE_WORKER_MODULE = "mindspeed_rl.workers.base_worker"
 ACTOR_MODULE = "mindspeed_rl.workers.actor_hybrid_worker"
+REFERENCE_MODULE = "mindspeed_rl.workers.reference_worker"
 RL_VERSIONS = ("05a90d77",)
 _ACTOR = f"{ACTOR_MODULE}.ActorHybridWorkerBase"
 TARGETS = (
@@ -77,6 +79,7 @@ TARGETS = (
     PatchTarget(f"{_ACTOR}.async_generate_process", RL_VERSIONS, ("self", "batch_data", "index", "pad_token_id")),
     PatchTarget(f"{_ACTOR}.compute_log_prob", RL_VERSIONS, ("self",)),
     PatchTarget(f"{_ACTOR}.update", RL_VERSIONS, ("self", "kl_ctrl", "skip_actor_log_prob")),
+    PatchTarget(f"{REFERENCE_MODULE}.ReferenceWorkerBase.compute_ref_log_prob", RL_VERSIONS, ("self",)),
 )
 PATCHES = PatchSet("__r3_mindspeed_rl_worker__")
 ROLLOUT_BATCH = "_r3_rollout_batch"  # worker attribute: the batch sync_generate_process is generating for
@@ -88,23 +91,9 @@ def _partial_rollout(worker: Any) -> bool:
 
 def refuse_unsupported(worker: Any, runtime: IntegrationRuntime) -> None:
     """Raise naming the setting for configurations the integration cannot serve."""
-    rl, mc, gc = worker.rl_config, worker.megatron_config, worker.generate_config
-    problems = []
-    if getattr(mc, "stage", "ray_grpo") != "ray_grpo":
-        problems.append(f"megatron_training.stage {mc.stage!r} (the integration extends the GRPO trainer)")
-    if getattr(rl, "is_multimodal", False):
-        problems.append("rl_config.is_multimodal (text-only models)")
-    if runtime.columns.routed_experts:
-        if getattr(rl, "async_engine", False):
-            problems.append("rl_config.async_engine (routing capture runs on the synchronous rollout path)")
-        if getattr(rl, "multi_turn_enable", False):
-            problems.append("rl_config.multi_turn_enable (routing capture has no multi-turn support)")
-        if getattr(gc, "torchair_graph", False):
-            problems.append("generate_config.torchair_graph (capture runs in vllm-ascend's eager / ACL graph MoE)")
-        if getattr(mc, "num_layers_per_virtual_pipeline_stage", None):
-            problems.append("actor_config.num_layers_per_virtual_pipeline_stage (replay serves one chunk per rank)")
+    problems = refusals(worker.rl_config, worker.megatron_config, worker.generate_config, runtime.config)
     if problems:
-        raise RoutingError("mindspeed_rl_r3 cannot run with: " + "; ".join(problems))
+        raise RoutingError(refusal_message(problems))
 
 
 def send_metrics(worker: Any, runtime: IntegrationRuntime) -> None:
@@ -249,6 +238,26 @@ def stage_metrics_wrapper(fn: Any) -> Any:
     return stage
 
 
+def reference_metrics_wrapper(fn: Any) -> Any:
+    """A separate ``ReferenceWorker`` (no integrated worker) runs the reference pass in its own process: send the
+    pass's replay metrics from there, as the actor's stages do."""
+
+    @functools.wraps(fn)
+    def compute_ref_log_prob(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = fn(self, *args, **kwargs)
+        runtime = active()
+        if runtime is not None:
+            send_metrics(self, runtime)
+        return out
+
+    return compute_ref_log_prob
+
+
+def patch_reference_module(module: ModuleType) -> list[str]:
+    done = PATCHES.wrap(module.ReferenceWorkerBase, "compute_ref_log_prob", reference_metrics_wrapper)
+    return [done] if done else []
+
+
 def patch_base_worker_module(module: ModuleType) -> list[str]:
     cls = module.BaseWorker
     done = [
@@ -270,7 +279,11 @@ def patch_actor_module(module: ModuleType) -> list[str]:
     return [p for p in done if p]
 
 
-MODULE_PATCHES = {BASE_WORKER_MODULE: patch_base_worker_module, ACTOR_MODULE: patch_actor_module}
+MODULE_PATCHES = {
+    BASE_WORKER_MODULE: patch_base_worker_module,
+    ACTOR_MODULE: patch_actor_module,
+    REFERENCE_MODULE: patch_reference_module,
+}
 
 
 def apply() -> list[str]:

@@ -1,0 +1,47 @@
+"""Configurations the integration refuses, decided from MindSpeed-RL's own config objects (torch-free).
+
+One function serves the driver (``mindspeed_rl_r3.train``, before Ray starts) and every actor worker's
+``initialize`` (the last line of defence for drivers that are not ours), so both refuse the same configs with the
+same words. Each refusal names the setting and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mindspeed_rl_r3.config import IntegrationConfig
+
+
+def refusals(rl: Any, megatron: Any, generate: Any, config: IntegrationConfig) -> list[str]:
+    """Why ``(rl_config, megatron config, generate_config)`` cannot run with the package's sections (``[]``: it can).
+
+    The arguments are MindSpeed-RL's ``RLConfig`` / ``MegatronConfig`` / ``GenerateConfig`` (or anything with the same
+    attributes); a missing attribute counts as MindSpeed-RL's default.
+    """
+    problems = []
+    if getattr(megatron, "stage", "ray_grpo") != "ray_grpo":
+        problems.append(f"megatron_training.stage {megatron.stage!r} (the integration extends the GRPO trainer)")
+    if getattr(rl, "is_multimodal", False):
+        problems.append("rl_config.is_multimodal (text-only models)")
+    # Every integrated rollout puts rollout_log_probs (and with R3 routed_experts), which the training stages wait
+    # for in the TransferDock: a rollout path the package does not wrap would leave them waiting forever.
+    if getattr(rl, "async_engine", False):
+        problems.append("rl_config.async_engine (the package wraps the synchronous rollout path only)")
+    if getattr(rl, "multi_turn_enable", False):
+        problems.append("rl_config.multi_turn_enable (the package wraps the single-turn rollout path only)")
+    if config.r3.capture:
+        if getattr(generate, "torchair_graph", False):
+            problems.append("generate_config.torchair_graph (capture runs in vllm-ascend's eager / ACL graph MoE)")
+        if getattr(megatron, "num_layers_per_virtual_pipeline_stage", None):
+            problems.append("actor_config.num_layers_per_virtual_pipeline_stage (replay serves one chunk per rank)")
+        if config.r3.group_dedupe and not getattr(rl, "guarantee_order", False):
+            problems.append(
+                "r3.group_dedupe with rl_config.guarantee_order: false (MindSpeed-RL's default samples single rows "
+                "at random, splitting GRPO groups from the leader that carries their shared prompt routing): set "
+                "rl_config.guarantee_order: true or r3.group_dedupe: false"
+            )
+    return problems
+
+
+def refusal_message(problems: list[str]) -> str:
+    return "mindspeed_rl_r3 cannot run with: " + "; ".join(problems)
