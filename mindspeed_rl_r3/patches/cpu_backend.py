@@ -12,6 +12,8 @@ sources. What cannot load on a CPU machine is replaced here, and nothing else:
 - ``torch.npu``: the CPU as device 0 (``current_device`` / ``set_device`` / ``device_count`` / ``synchronize`` /
   ``empty_cache`` / memory counters), for MindSpeed-RL's worker setup and offload code.
 - ``Tensor.npu``: identity (MindSpeed-RL's loss functions move masks with ``.npu()``).
+- ``torch.tensor`` / ``zeros`` / ``ones`` with ``device='npu'`` or ``'cuda'``: on the CPU, as transfer_to_npu
+  sends ``'cuda'`` to the NPU (MindSpeed-RL's seqlen_balancing / context_parallel, megatron-core's schedules).
 - megatron-core's CUDA assumptions: :mod:`mindspeed_rl_r3.patches.megatron_cpu` (RNG trackers, ``current_device``).
 
 :func:`install` refuses when a real ``torch_npu`` is importable: on an NPU machine nothing here is ever active.

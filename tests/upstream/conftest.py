@@ -14,6 +14,7 @@ import os
 import pytest
 
 from mindspeed_rl_r3.patches import cpu_backend
+from tests.upstream.support import integration, ray_cluster  # noqa: F401  (one definition each: one Ray session)
 
 UPSTREAM = cpu_backend.upstream_root()
 
