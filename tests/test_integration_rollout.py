@@ -1,13 +1,11 @@
-"""The rollout side of the integration against fakes of MindSpeed-RL's actor worker, vLLM engine and sharding manager
-(05a90d77) running a tiny MoE through the vllm-ascend fakes: token prompts, routing capture into the TransferDock,
-rollout log-probs, group dedupe through the dispatch, partial-rollout joins, AQN after each weight sync."""
+"""The rollout side against fakes (MindSpeed-RL's actor worker, vLLM engine, sharding manager; vllm-ascend): AQN
+after each weight sync, partial-rollout joins, refusals at initialize. Token prompts, capture, log-probs and the
+dispatch now run against the real modules in tests/upstream/test_rollout_engine.py and test_workers.py."""
 
-import copy
 
 import pytest
 import torch
 
-from mindspeed_rl_r3.integration.feed import SHARED_FLAG
 from mindspeed_rl_r3.integration.settings import ROLLOUT_LOG_PROBS, ROUTED_EXPERTS
 from mindspeed_rl_r3.routing import RoutingError, decode, token_fingerprint
 from tests.fake_llm import IM_START, FakeLLM, TinyMoE, Tokenizer
@@ -92,58 +90,6 @@ def dock(worker, partial=False):
     return td.instance
 
 
-def test_unpatched_engine_sends_text_and_loses_chat_tokens(fakes):  # noqa: F811
-    worker, _, _ = build_worker()
-    worker.initialize()
-    td = dock(worker)
-    worker.generate_sequences()
-    assert all(IM_START not in p for p in worker.inference_model.llm.prompts_seen)
-    assert ROUTED_EXPERTS not in [c for c in td.experience_columns if td.experience_data_status[c].sum()]
-
-
-def test_actor_rollout_puts_routing_and_log_probs_of_exactly_the_stored_tokens(fakes, integration):  # noqa: F811
-    integration()
-    worker, model, _ = build_worker()
-    worker.initialize()
-    td = dock(worker)
-    worker.generate_sequences()
-    llm = worker.inference_model.llm
-    assert [p[0] for p in llm.prompts_seen] == [IM_START, IM_START]  # token ids, special tokens kept
-    shared_payloads = 0
-    for i in range(4):
-        ids = td.experience_data["input_ids"][i].long()
-        response = td.experience_data["responses"][i]
-        trace = decode(
-            td.experience_data[ROUTED_EXPERTS][i], leader=decode(td.experience_data[ROUTED_EXPERTS][i - i % 2])
-        )
-        shared_payloads += int(td.experience_data[ROUTED_EXPERTS][i][2]) & SHARED_FLAG == SHARED_FLAG
-        assert trace.rows == ids.numel() - 1 and trace.prompt_len == ids.numel() - response.numel()
-        assert trace.token_hash == token_fingerprint(ids)
-        assert torch.equal(trace.ids.long().sort(-1).values, expected_routing(model, ids[:-1]))
-        logits = model.logits(model(ids[:-1])).float()
-        want = torch.log_softmax(logits, -1)[torch.arange(ids.numel() - 1), ids[1:]][-response.numel() :]
-        assert torch.allclose(td.experience_data[ROLLOUT_LOG_PROBS][i], want, atol=1e-5)
-    assert shared_payloads == 2  # the second sample of each prompt stores its prompt rows with the first
-    assert worker.inference_model._r3_last_rollout is None
-
-
-def test_dispatch_fetches_the_columns_and_expands_group_payloads(fakes, integration):  # noqa: F811
-    integration()
-    worker, _, _ = build_worker()
-    worker.initialize()
-    td = dock(worker)
-    worker.generate_sequences()
-    batch, index = worker.dispatch_transfer_dock_data(
-        "actor_log_prob", ["input_ids", "responses"], 4, 1, 1, "megatron_cp_algo"
-    )
-    assert {ROUTED_EXPERTS, ROLLOUT_LOG_PROBS} <= set(batch) and index == [0, 1, 2, 3]
-    for i in range(4):
-        trace = decode(batch[ROUTED_EXPERTS][i], allow_trailing_padding=True)
-        assert trace.token_hash == token_fingerprint(td.experience_data["input_ids"][i])
-    rollout_only, _ = worker.dispatch_transfer_dock_data("actor_rollout", ["prompts"], 2, use_vllm=True)
-    assert rollout_only is None or ROUTED_EXPERTS not in rollout_only
-
-
 def test_aqn_noise_follows_each_sync_and_other_generates_run_clean(fakes, integration):  # noqa: F811
     integration()
     worker, _, trained = build_worker()
@@ -204,13 +150,3 @@ def test_unsupported_rollout_paths_are_refused_at_initialize(fakes, integration,
     worker, _, _ = build_worker(**overrides)
     with pytest.raises(RoutingError, match=message):
         worker.initialize()
-
-
-def test_missing_log_probs_are_refused(fakes, integration):  # noqa: F811
-    integration({"r3": copy.deepcopy(R3_SECTIONS["r3"])})
-    worker, _, _ = build_worker()
-    worker.initialize()
-    dock(worker)
-    worker.inference_model.sampling_params.logprobs = None
-    with pytest.raises(RoutingError, match=r"sampling_config\.logprobs >= 0"):
-        worker.generate_sequences()

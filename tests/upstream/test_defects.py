@@ -11,7 +11,6 @@ import torch
 from mindspeed_rl_r3.config import ConfigError, load_sections
 from mindspeed_rl_r3.integration.refusals import refusals
 from mindspeed_rl_r3.routing import RoutingError
-from tests.upstream.support import integration  # noqa: F401  (fixture)
 
 AQN_ONLY = {"aqn": {"enabled": True, "num_stages": 2, "sigma_start": 0.05, "sigma_end": 0.01}}
 R3 = {"r3": {"mode": "R3"}}
@@ -36,7 +35,7 @@ def _actor_worker(rl: dict[str, Any]) -> Any:
 
 
 @pytest.mark.parametrize("setting", ["async_engine", "multi_turn_enable"])
-def test_unwrapped_rollout_paths_are_refused_even_without_r3(setting, integration):  # noqa: F811
+def test_unwrapped_rollout_paths_are_refused_even_without_r3(setting, integration):
     """With AQN only, the rollout still owes the dock ``rollout_log_probs``; a path that never puts it would leave
     every training stage waiting forever, so worker initialisation refuses it."""
     integration(AQN_ONLY)
@@ -45,7 +44,7 @@ def test_unwrapped_rollout_paths_are_refused_even_without_r3(setting, integratio
         worker.initialize()  # the patched real method: refused before upstream's initialize builds anything
 
 
-def test_group_dedupe_needs_guarantee_order(integration):  # noqa: F811
+def test_group_dedupe_needs_guarantee_order(integration):
     integration({"r3": {"mode": "R3", "group_dedupe": True}})
     assert _configs({})[0].guarantee_order is False  # MindSpeed-RL's default
     with pytest.raises(RoutingError, match=r"rl_config\.guarantee_order: true or r3\.group_dedupe: false"):
@@ -76,7 +75,7 @@ class _Dense(torch.nn.Module):
         self.proj = torch.nn.Linear(4, 4)
 
 
-def test_only_actor_and_reference_engines_replay(integration):  # noqa: F811
+def test_only_actor_and_reference_engines_replay(integration):
     """MindSpeed-RL's reward model is a ``BaseTrainingEngine`` too; its forward must run exactly as upstream."""
     from mindspeed_rl.models.actor import Actor
     from mindspeed_rl.models.reward import Reward
@@ -102,7 +101,7 @@ def _k3(metrics: dict[str, list[float]]) -> float:
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 1.4])
-def test_mismatch_compares_raw_log_probs_at_any_temperature(temperature, integration, megatron):  # noqa: F811
+def test_mismatch_compares_raw_log_probs_at_any_temperature(temperature, integration, megatron):
     """vLLM returns raw log-probs (before temperature); the engine hands the loss logits / T. The same policy on
     both sides must show no mismatch at any temperature."""
     from megatron.core import parallel_state
@@ -138,7 +137,7 @@ def test_mismatch_compares_raw_log_probs_at_any_temperature(temperature, integra
     assert _k3(active().take_metrics()) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_a_separate_reference_worker_sends_its_replay_metrics(integration, monkeypatch):  # noqa: F811
+def test_a_separate_reference_worker_sends_its_replay_metrics(integration, monkeypatch):
     from mindspeed_rl.workers import reference_worker
 
     from mindspeed_rl_r3.integration.runtime import active

@@ -13,7 +13,6 @@ import pytest
 
 from mindspeed_rl_r3 import train
 from mindspeed_rl_r3.integration.env import ENV_SECTIONS
-from tests.upstream.support import ray_cluster  # noqa: F401  (fixture: validate_rl_args counts the Ray nodes)
 
 SHIPPED = sorted(p.stem for p in train.REPO_CONFIGS.glob("grpo_*.yaml"))
 
@@ -29,7 +28,7 @@ def test_configs_are_shipped():
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_config_passes_mindspeed_rls_own_validation(name, no_published_sections, ray_cluster):  # noqa: F811
+def test_shipped_config_passes_mindspeed_rls_own_validation(name, no_published_sections, ray_cluster):
     from cli.train_grpo import parse_training_config
 
     msrl, runtime_env = train.prepare_job(name)
@@ -42,7 +41,7 @@ def test_shipped_config_passes_mindspeed_rls_own_validation(name, no_published_s
     assert runtime_env["env_vars"]["HCCL_BUFFSIZE"] == str(rl.hccl_buffersize)
 
 
-def test_a_plain_dict_is_what_broke_mindspeed_rls_validation(no_published_sections, ray_cluster):  # noqa: F811
+def test_a_plain_dict_is_what_broke_mindspeed_rls_validation(no_published_sections, ray_cluster):
     """The defect the entry fixed: MindSpeed-RL reads resource sections by attribute."""
     from cli.train_grpo import parse_training_config
 
