@@ -151,6 +151,8 @@ def generate_sequences_token_prompts_wrapper(fn: Any) -> Any:
         self.init_cache_engine()
         prompts = [{"prompt_token_ids": [int(t) for t in p]} for p in idx_list]
         recorder = start_capture(self, runtime) if actor_rollout and runtime.columns.routed_experts else None
+        # update_sampling_params restores the overridden values only after a clean exit (no try/finally upstream)
+        saved = {k: getattr(self.sampling_params, k) for k in kwargs if hasattr(self.sampling_params, k)}
         try:
             with self.update_sampling_params(**kwargs):
                 outputs = self.llm.generate(prompts=prompts, sampling_params=self.sampling_params, use_tqdm=False)
@@ -158,6 +160,10 @@ def generate_sequences_token_prompts_wrapper(fn: Any) -> Any:
                     n = int(self.sampling_params.n)
                     setattr(self, LAST_ROLLOUT, collect_generation(outputs, idx_list, n, recorder))
                 result = self._post_process_outputs(outputs)
+        except BaseException:
+            for key, value in saved.items():
+                setattr(self.sampling_params, key, value)
+            raise
         finally:
             vllm_ascend_capture.CaptureSession.enabled = False
         self.free_cache_engine()

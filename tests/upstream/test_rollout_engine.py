@@ -235,8 +235,10 @@ def test_actor_rollout_without_log_probs_is_refused(vllm_engine, integration, mo
 
     integration()
     monkeypatch.setattr(vllm_engine, ACTOR_ROLLOUT, True, raising=False)
-    # upstream's update_sampling_params restores the overrides after its yield without try/finally: not on a raise
-    monkeypatch.setattr(vllm_engine, "sampling_params", copy.deepcopy(vllm_engine.sampling_params))
+    before = copy.deepcopy(vllm_engine.sampling_params)
     with pytest.raises(RoutingError, match=r"sampling_config\.logprobs >= 0"):
         vllm_engine.generate_sequences([PROMPTS[1]], n=1, max_tokens=2, logprobs=None)
     assert not CaptureSession.enabled
+    # upstream's update_sampling_params restores its overrides only on a clean exit; the wrapper restores them here
+    after = vllm_engine.sampling_params
+    assert (after.n, after.max_tokens, after.logprobs) == (before.n, before.max_tokens, before.logprobs)

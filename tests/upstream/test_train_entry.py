@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -73,3 +74,77 @@ def test_the_entry_names_a_bad_config_in_one_line(tmp_path):
     done = _entry(SHIPPED[0], tmp_path, "r3.mode=bogus")
     assert done.returncode == 2
     assert "r3.mode" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+JOB = """\
+defaults:
+  - _self_
+megatron_training: {stage: ray_grpo, global_batch_size: 4}
+actor_config: {tensor_model_parallel_size: 1}
+rl_config: {runtime_env_path: envs/runtime_env.yaml, n_samples_per_prompt: 2, guarantee_order: true}
+generate_config: {enable_expert_parallel: true, infer_expert_parallel_size: 4}
+r3: {mode: R3}
+aqn: {enabled: true, num_stages: 5}
+"""
+
+
+@pytest.fixture
+def job_dir(tmp_path, no_published_sections):
+    """A small config beside its runtime_env file, as a user's own config directory would hold them."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "envs").mkdir()
+    (tmp_path / "configs" / "job.yaml").write_text(JOB)
+    (tmp_path / "envs" / "runtime_env.yaml").write_text("env_vars: {VLLM_USE_V1: '1', VLLM_DP_SIZE: '8'}\n")
+    return tmp_path / "configs"
+
+
+def test_prepare_job_splits_sections_and_builds_mindspeed_rls_runtime_env(job_dir):
+    from mindspeed_rl_r3.patches import cpu_backend
+
+    msrl, runtime_env = train.prepare_job("job", str(job_dir), ["rl_config.n_samples_per_prompt=4"])
+    assert set(msrl) == {"megatron_training", "actor_config", "rl_config", "generate_config"}
+    assert msrl["rl_config"]["n_samples_per_prompt"] == 4
+    env = runtime_env["env_vars"]
+    assert env["VLLM_DP_SIZE"] == "4" and env["IS_MULTIMODAL"] == "False" and env["HCCL_BUFFSIZE"] == "256"
+    assert env["VLLM_USE_V1"] == "1"
+    assert json.loads(env[ENV_SECTIONS]) == {"r3": {"mode": "R3"}, "aqn": {"enabled": True, "num_stages": 5}}
+    # this session runs on the CPU backend, so the job's workers get it before they import MindSpeed-RL
+    assert runtime_env["worker_process_setup_hook"] == f"{cpu_backend.__name__}.ray_worker_setup"
+
+
+def test_run_job_hands_mindspeed_rls_train_task_a_dictconfig(job_dir, monkeypatch):
+    import cli.train_grpo
+    import ray
+    from omegaconf import DictConfig
+
+    calls = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.setdefault("init", kwargs))
+    monkeypatch.setattr(ray, "get", lambda value: value)
+    monkeypatch.setattr(cli.train_grpo, "train", SimpleNamespace(remote=lambda config: calls.setdefault("train", config)))
+    monkeypatch.setattr("mindspeed_rl_r3.autopatch.install", lambda: calls.setdefault("hook", True))
+    assert train.main(["--config-name", "job", "--config-path", str(job_dir)]) == 0
+    config = calls["train"]
+    assert calls["hook"] and isinstance(config, DictConfig) and "r3" not in config
+    assert config.rl_config.n_samples_per_prompt == 2  # attribute access, as validate_rl_args reads it
+    assert calls["init"]["runtime_env"]["env_vars"][ENV_SECTIONS]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("r3.mode=R4", "r3.mode must be one of"),
+        ("+rl_config.no_such_key=1", "no_such_key"),
+        ("+aqn.sigma=0.1", "unknown aqn keys"),
+        ("rl_config.guarantee_order=false", "r3.group_dedupe: false"),
+    ],
+)
+def test_bad_configs_exit_2_before_anything_starts(job_dir, capsys, override, message):
+    assert train.main(["--config-name", "job", "--config-path", str(job_dir), override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_config_names_the_directory(job_dir, capsys):
+    assert train.main(["--config-name", "nope", "--config-path", str(job_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "['job']" in err
