@@ -121,7 +121,8 @@ def test_run_job_hands_mindspeed_rls_train_task_a_dictconfig(job_dir, monkeypatc
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.setdefault("init", kwargs))
     monkeypatch.setattr(ray, "get", lambda value: value)
-    monkeypatch.setattr(cli.train_grpo, "train", SimpleNamespace(remote=lambda config: calls.setdefault("train", config)))
+    task = SimpleNamespace(remote=lambda config: calls.setdefault("train", config))
+    monkeypatch.setattr(cli.train_grpo, "train", task)
     monkeypatch.setattr("mindspeed_rl_r3.autopatch.install", lambda: calls.setdefault("hook", True))
     assert train.main(["--config-name", "job", "--config-path", str(job_dir)]) == 0
     config = calls["train"]
