@@ -1,20 +1,24 @@
-"""Every MindSpeed-RL target the integration patches, checked against a real MindSpeed-RL checkout.
+"""Every MindSpeed-RL target the integration patches, checked against the pinned MindSpeed-RL source.
 
-Set ``MINDSPEED_RL_SRC`` to the checkout (the repository root, holding ``mindspeed_rl/`` and ``cli/``); the source is
-parsed, not imported (it needs torch_npu and vLLM). Skipped without the variable.
+The source is ``../shared/upstream/MindSpeed-RL`` (or ``$MINDSPEED_RL_R3_UPSTREAM/MindSpeed-RL``), parsed, not
+imported, so this runs in the main test environment; tests/upstream imports the same modules for real. Skipped only
+where the upstream tree is absent (a user's clone); CI fails on such a skip.
 """
 
 import ast
-import os
 from pathlib import Path
 
 import pytest
 
 from mindspeed_rl_r3.autopatch import TARGET_MODULES
-from mindspeed_rl_r3.patches import mindspeed_rl_integration
+from mindspeed_rl_r3.patches import cpu_backend, mindspeed_rl_integration
 
-SRC = os.environ.get("MINDSPEED_RL_SRC")
-pytestmark = pytest.mark.skipif(not SRC, reason="set MINDSPEED_RL_SRC to a MindSpeed-RL checkout")
+ROOT = cpu_backend.upstream_root()
+SRC = str(ROOT / "MindSpeed-RL") if ROOT is not None else ""
+pytestmark = [
+    pytest.mark.upstream,
+    pytest.mark.skipif(ROOT is None, reason="../shared/upstream (the pinned upstream sources) is absent"),
+]
 
 
 def _module_tree(module: str) -> ast.Module:
