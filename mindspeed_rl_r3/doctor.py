@@ -11,8 +11,9 @@ Where a target's answer comes from, in order:
    is unsafe (torch_npu installed without an Ascend runtime would crash or hang) or when the import failed.
 
 Importing torch_npu, vllm, vllm_ascend, mindspeed, mindspeed_llm or mindspeed_rl is considered safe when
-torch_npu is absent (nothing can load NPU libraries; fakes and CPU builds import fine) or an Ascend toolkit is
-present (``ASCEND_HOME_PATH`` / ``ASCEND_TOOLKIT_HOME`` or ``/usr/local/Ascend/ascend-toolkit``). Versions are read
+torch_npu is absent (nothing can load NPU libraries; CPU builds import fine), is the CPU backend's stand-in
+(:mod:`mindspeed_rl_r3.patches.cpu_backend` installed), or an Ascend toolkit is present (``ASCEND_HOME_PATH`` /
+``ASCEND_TOOLKIT_HOME`` or ``/usr/local/Ascend/ascend-toolkit``). Versions are read
 from package metadata first, ``__version__`` second, and for those six packages never by import.
 
 Which targets must be found depends on the job: ``profile="npu"`` (the MindSpeed-RL job) requires the Megatron
@@ -157,14 +158,23 @@ def import_is_safe(top: str) -> bool:
     """Whether importing top-level package ``top`` cannot pull a torch_npu without its runtime into this process."""
     if top not in NPU_PACKAGES:
         return True
-    return _module_spec("torch_npu") is None or ascend_runtime_present()
+    return _module_spec("torch_npu") is None or ascend_runtime_present() or _cpu_backend_installed()
+
+
+def _cpu_backend_installed() -> bool:
+    """torch_npu is :mod:`mindspeed_rl_r3.patches.cpu_backend`'s stand-in, which loads no NPU library."""
+    backend = sys.modules.get("mindspeed_rl_r3.patches.cpu_backend")
+    return backend is not None and backend.installed()
 
 
 # ----------------------------------------------------------------------------------------------- reading source
 
 
 def _git_commit(directory: Path) -> str | None:
-    """HEAD commit of the checkout containing ``directory``, read from ``.git`` files (no git process)."""
+    """HEAD commit of the checkout containing ``directory``, read from ``.git`` files (no git process); for a
+    source export without ``.git``, the hash its ``COMMIT`` file records (as ``../shared/upstream/*`` have)."""
+    with contextlib.suppress(OSError, IndexError):
+        return (directory / "COMMIT").read_text(encoding="utf-8").split()[0]
     for parent in (directory, *directory.parents):
         git = parent / ".git"
         if git.is_file():  # a worktree: "gitdir: <path>"

@@ -1,18 +1,14 @@
 """Tiny Qwen3-MoE models for the LoRA tests: a megatron-core GPTModel (local spec, qk-norm, swiglu, RoPE, untied),
-the matching transformers model, peft LoRA on it, MindSpeed-LLM's grouped LoRA experts (the real class in
-tests/upstream, the fake elsewhere), and a stand-in for vllm-ascend's parameter set. Needs megatron-core /
+the matching transformers model, peft LoRA on it, MindSpeed-LLM's grouped LoRA experts (the real class, which
+tests/upstream import from ../shared/upstream), and a stand-in for vllm-ascend's parameter set. Needs megatron-core /
 transformers / peft; tests skip without them."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import torch
 
 from mindspeed_rl_r3.lora.names import Qwen3MoeShape, vllm_names
 
-FAKES = str(Path(__file__).parent / "fakes")
 SHAPE = Qwen3MoeShape(
     num_layers=2,
     hidden_size=64,
@@ -64,6 +60,25 @@ def hf_qwen3(shape: Qwen3MoeShape = SHAPE):
     return hf_model(settings(shape))
 
 
+def load_hf_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Load a transformers 5 state dict (what the package's conversions produce: fused ``experts.gate_up_proj
+    [E, 2I, H]`` / ``experts.down_proj [E, H, I]``) into ``model``; transformers 4 (the upstream environment pins
+    4.57) keeps one module per expert."""
+    keys = set(model.state_dict())
+    out = {}
+    for name, value in state.items():
+        prefix, _, leaf = name.rpartition(".")
+        if name in keys or leaf not in ("gate_up_proj", "down_proj"):
+            out[name] = value
+            continue
+        for e, tensor in enumerate(value):
+            if leaf == "down_proj":
+                out[f"{prefix}.{e}.down_proj.weight"] = tensor
+            else:
+                out[f"{prefix}.{e}.gate_proj.weight"], out[f"{prefix}.{e}.up_proj.weight"] = tensor.chunk(2)
+    model.load_state_dict(out)
+
+
 def tokens(b: int = 2, s: int = 12, vocab: int = SHAPE.vocab_size, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(seed))
 
@@ -88,21 +103,12 @@ def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def grouped_experts_class():
-    if FAKES not in sys.path:
-        sys.path.insert(0, FAKES)
-    from mindspeed_llm.tasks.posttrain.lora.moe.experts import LoraParallelGroupedMLP
-
-    return LoraParallelGroupedMLP
-
-
-def install_grouped_lora_experts(model, r: int = LORA_R, alpha: int = LORA_ALPHA, grouped_cls=None) -> None:
-    """Swap every ``SequentialMLP`` for MindSpeed-LLM's ``LoraParallelGroupedMLP`` (``grouped_cls``, the fake by
-    default) with the same weights, as ``lora_moe_layer_init`` builds it when LoRA and ``moe_grouped_gemm`` are on.
-    The adapter starts as a no-op."""
+def install_grouped_lora_experts(model, *, grouped_cls, r: int = LORA_R, alpha: int = LORA_ALPHA) -> None:
+    """Swap every ``SequentialMLP`` for MindSpeed-LLM's ``LoraParallelGroupedMLP`` (``grouped_cls``) with the same
+    weights, as ``lora_moe_layer_init`` builds it when LoRA and ``moe_grouped_gemm`` are on. The adapter starts as a
+    no-op."""
     from types import SimpleNamespace
 
-    grouped_cls = grouped_cls or grouped_experts_class()
     for layer in model.decoder.layers:
         old = layer.mlp.experts
         experts = grouped_cls(old.num_local_experts, model.config, SimpleNamespace(r=r, lora_alpha=alpha))

@@ -1,11 +1,11 @@
-"""`doctor`: versions and patch-target checks on a fake installation, on hand-written upstream sources, without
-importing torch_npu, and (when MINDSPEED_RL_SRC / VLLM_ASCEND_SRC are set) on real checkouts."""
+"""`doctor`: versions and patch-target checks on the pinned upstream checkouts (``../shared/upstream``, parsed), on
+hand-written upstream sources, and without importing torch_npu. The import mode against the real modules runs in
+tests/upstream/test_doctor_real.py."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import textwrap
 from importlib import import_module
@@ -18,7 +18,6 @@ from mindspeed_rl_r3.doctor import SourceIndex, check_target_in_source, format_d
 from mindspeed_rl_r3.patches import PATCH_MODULES
 from mindspeed_rl_r3.patches.targets import PatchTarget
 
-FAKES = str(Path(__file__).parent / "fakes")
 VLLM_TARGETS = (
     "vllm_ascend.ops.common_fused_moe.select_experts",
     "vllm_ascend.ops.common_fused_moe.AscendFusedMoE.forward_impl",
@@ -77,53 +76,85 @@ def _vllm_ascend_source(root: Path, *, good: bool) -> Path:
     )
 
 
+def _upstream(folder: str = "") -> Path:
+    from mindspeed_rl_r3.patches import cpu_backend
+
+    root = cpu_backend.upstream_root()
+    if root is None:
+        pytest.skip("../shared/upstream (the pinned upstream sources) is absent")
+    return root / folder if folder else root
+
+
+def _upstream_dirs() -> list[Path]:
+    return [p for p in sorted(_upstream().iterdir()) if p.is_dir()]
+
+
 @pytest.fixture(scope="module")
-def fake_report():
-    """One full doctor run on the fakes of vllm-ascend / MindSpeed / MindSpeed-LLM (all patch modules)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(FAKES)
-        yield run_doctor(profile="npu", quiet=True)
+def upstream_report():
+    """One full doctor run (all patch modules) on the pinned upstream checkouts, parsed, never imported."""
+    return run_doctor(_upstream_dirs(), quiet=True)
 
 
-def test_fake_installation_is_compatible(fake_report):
-    names = {t["name"] for t in fake_report["targets"]}
+@pytest.mark.upstream
+def test_pinned_upstream_is_compatible(upstream_report):
+    report = upstream_report
+    names = {t["name"] for t in report["targets"]}
     assert set(VLLM_TARGETS) <= names
-    assert {t["module"] for t in fake_report["targets"]} == set(PATCH_MODULES)
+    assert {t["module"] for t in report["targets"]} == set(PATCH_MODULES)
     keys = {"name", "found", "compatible", "version_known", "detail", "source", "module", "required", "kind"}
-    for target in fake_report["targets"]:
-        assert keys <= set(target)
-        if target["kind"] == "target":
-            assert target["found"] and target["compatible"], target
     declared = {t.path for name in PATCH_MODULES for t in import_module(f"mindspeed_rl_r3.patches.{name}").TARGETS}
-    checked = {t["name"] for t in fake_report["targets"] if t["kind"] == "target"}
-    assert checked <= declared and all(
-        t["kind"] == "diagnostic" for t in fake_report["targets"] if t["name"] not in declared
-    )
-    assert fake_report["ok"] and fake_report["profile"] == "npu"
-    assert fake_report["missing_required"] == [] and fake_report["incompatible"] == []
-    assert json.loads(json.dumps(fake_report))["ok"] is True
+    checked = {t["name"] for t in report["targets"] if t["kind"] == "target"}
+    assert checked <= declared and {n for n in declared - checked if not n.startswith("megatron.")} == set()
+    assert "mindspeed_rl.workers.reference_worker.ReferenceWorkerBase.compute_ref_log_prob" in declared
+    upstream = str(_upstream().resolve())
+    for target in report["targets"]:
+        assert keys <= set(target) and target["kind"] == "target"
+        assert target["found"] and target["compatible"], target
+        if target["name"].split(".")[0] in ("mindspeed_rl", "mindspeed", "mindspeed_llm", "vllm_ascend"):
+            assert target["source"].startswith(f"upstream:{upstream}/"), target
+            # the COMMIT files of the pinned trees match the commits the patches were written against, except
+            # vllm-ascend's targets, which name its release (the source tree carries no version file)
+            assert target["version_known"] == (not target["name"].startswith("vllm_ascend.")), target
+    commits = {Path(u["dir"]).name: u["commit"][:8] for u in report["upstream"]}
+    assert commits["MindSpeed-RL"] == "05a90d77" and commits["MindSpeed"] == "ac9f0e74"
+    assert report["ok"] and report["profile"] == "npu" and report["diagnostics_failed"] == []
+    assert report["missing_required"] == [] and report["incompatible"] == [] and report["missing_optional"] == []
+    assert json.loads(json.dumps(report))["ok"] is True
 
 
-def test_versions(fake_report):
-    versions = fake_report["versions"]
+@pytest.mark.upstream
+def test_versions(upstream_report):
+    versions = upstream_report["versions"]
     assert set(versions) == {
         "torch", "torch_npu", "vllm", "vllm_ascend", "megatron", "mindspeed", "mindspeed_llm", "mindspeed_rl", "ray",
         "hydra",
     }  # fmt: skip
-    assert versions["torch"] and versions["vllm_ascend"] == "unknown"  # the fake has no metadata and no version
+    assert versions["torch"] and versions["megatron"]
     assert versions["torch_npu"] is None or isinstance(versions["torch_npu"], str)
     assert package_version("hydra") in (None, versions["hydra"])
 
 
-def test_report_printing(fake_report, capsys):
-    text = format_doctor(fake_report)
+@pytest.mark.upstream
+def test_report_printing(upstream_report, capsys):
+    text = format_doctor(upstream_report)
     assert "doctor ok" in text and "vllm_ascend_capture" in text and "torch_npu" in text
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(FAKES)
-        out = io.StringIO()
-        run_doctor(as_json=True, profile="npu", modules=["vllm_ascend_capture"], stream=out)
+    assert "05a90d77cb6cfad8999e2aee21068284db959579" in text  # the MindSpeed-RL checkout's recorded commit
+    out = io.StringIO()
+    run_doctor([_upstream("vllm-ascend")], as_json=True, modules=["vllm_ascend_capture"], stream=out)
     assert json.loads(out.getvalue())["ok"] is True
     assert capsys.readouterr().out == ""  # stream= keeps stdout clean
+
+
+@pytest.mark.upstream
+def test_cli_doctor_on_the_pinned_upstream(capsys):
+    from mindspeed_rl_r3.cli.main import main
+
+    args = ["doctor", "--json"]
+    for directory in _upstream_dirs():
+        args += ["--upstream", str(directory)]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and len(report["upstream"]) == len(_upstream_dirs())
 
 
 def test_upstream_source_with_right_signatures(tmp_path):
@@ -209,12 +240,14 @@ def test_source_index_details(tmp_path):
     assert "no module" in params("other.thing")
 
 
+@pytest.mark.upstream
 def test_no_torch_npu_import_without_ascend_runtime(tmp_path, monkeypatch):
     """torch_npu installed but no CANN: targets are read from the installed source, torch_npu is never imported."""
     site = _write(
         tmp_path / "site", {"torch_npu/__init__.py": "raise RuntimeError('torch_npu must not be imported')\n"}
     )
-    monkeypatch.syspath_prepend(FAKES)
+    for folder in ("vllm-ascend", "MindSpeed-LLM", "MindSpeed"):  # the real sources, found but never imported
+        monkeypatch.syspath_prepend(str(_upstream(folder)))
     monkeypatch.syspath_prepend(str(site))
     for var in ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME", "ASCEND_OPP_PATH"):
         monkeypatch.delenv(var, raising=False)
@@ -222,7 +255,7 @@ def test_no_torch_npu_import_without_ascend_runtime(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
     assert not doctor.import_is_safe("vllm_ascend") and doctor.import_is_safe("megatron")
     report = run_doctor(modules=["vllm_ascend_capture", "mindspeed_llm_router"], quiet=True)
-    assert "torch_npu" not in sys.modules
+    assert "torch_npu" not in sys.modules and "vllm_ascend" not in sys.modules
     assert report["profile"] == "npu" and report["versions"]["torch_npu"] == "unknown"
     for target in report["targets"]:
         assert target["found"] and target["compatible"], target
@@ -248,6 +281,8 @@ def test_git_commit_marks_versions_known(tmp_path):
     routing = next(t for t in report["targets"] if t["name"].endswith("topk_router_routing"))
     assert routing["found"] and routing["compatible"] and routing["version_known"]
     assert routing["source"].startswith("upstream:")
+    (checkout / "COMMIT").write_text("ffff0000\n")  # a source export records its commit in COMMIT
+    assert run_doctor([checkout], modules=["mindspeed_llm_router"], quiet=True)["upstream"][0]["commit"] == "ffff0000"
 
 
 def test_bad_arguments(tmp_path):
@@ -262,18 +297,9 @@ def test_bad_arguments(tmp_path):
 # ------------------------------------------------------------------------------------- real upstream checkouts
 
 
-def _env_dir(var: str) -> Path:
-    value = os.environ.get(var)
-    if not value:
-        pytest.skip(f"set {var} to an upstream checkout")
-    path = Path(value)
-    if not path.is_dir():
-        pytest.fail(f"{var}={value} is not a directory")
-    return path
-
-
+@pytest.mark.upstream
 def test_real_vllm_ascend_checkout():
-    src = _env_dir("VLLM_ASCEND_SRC")
+    src = _upstream("vllm-ascend")
     report = run_doctor([src], modules=["vllm_ascend_capture"], quiet=True)
     for target in report["targets"]:
         # every target was judged from that checkout: found there, or reported missing with the reason
@@ -283,8 +309,9 @@ def test_real_vllm_ascend_checkout():
         assert report["ok"], report["targets"]
 
 
+@pytest.mark.upstream
 def test_real_mindspeed_rl_checkout():
-    src = _env_dir("MINDSPEED_RL_SRC")
+    src = _upstream("MindSpeed-RL")
     report = run_doctor([src], quiet=True)
     assert report["upstream"][0]["dir"] == str(src.resolve())
     if (src / "megatron" / "core" / "transformer" / "moe" / "router.py").is_file():  # megatron copied in

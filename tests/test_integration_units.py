@@ -1,7 +1,6 @@
-"""Small pieces of the integration: the Megatron-side routing spec, the patch bookkeeping, the import hook."""
+"""Small pieces of the integration: the Megatron-side routing spec and the patch bookkeeping. The import hook and
+the LoRA fixes on the real MindSpeed-RL run in tests/upstream/test_worker_lifecycle.py."""
 
-import importlib
-import sys
 import types
 
 import pytest
@@ -9,7 +8,6 @@ import pytest
 from mindspeed_rl_r3.integration.feed import parse_noop_layers, spec_from_megatron
 from mindspeed_rl_r3.patches.patch_set import PatchError, PatchSet
 from mindspeed_rl_r3.routing import RoutingError
-from tests.integration_support import fakes, integration  # noqa: F401  (fixtures)
 
 
 def test_training_spec_follows_megatron_layer_numbering():
@@ -52,41 +50,3 @@ def test_patch_set_is_idempotent_reversible_and_refuses_inherited_targets():
     with pytest.raises(PatchError, match="does not exist"):
         patches.wrap(module, "missing", wrap)
     assert len(patches.undo()) == 2 and Base().run() == "base" and module.helper() == 1 and patches.installed == []
-
-
-def test_import_hook_patches_on_import_and_leaves_plain_jobs_alone(fakes, integration, monkeypatch):  # noqa: F811
-    from mindspeed_rl_r3 import autopatch
-    from mindspeed_rl_r3.integration.env import ENV_DISABLE
-
-    autopatch.install()  # no sections in the environment yet
-    from mindspeed_rl.models.loss import base_loss_func
-
-    assert not getattr(base_loss_func.BaseLossFunc.compute_log_probs, "__r3_mindspeed_rl_replay__", False)
-    sys.modules.pop("mindspeed_rl.models.loss.base_loss_func")
-    integration()  # sections published; install() again is a no-op for the hook itself
-    reloaded = importlib.import_module("mindspeed_rl.models.loss.base_loss_func")
-
-    assert getattr(reloaded.BaseLossFunc.compute_log_probs, "__r3_mindspeed_rl_replay__", False)
-    assert sum(type(f).__name__ == "_PostImportFinder" for f in sys.meta_path) == 1
-    assert reloaded.__loader__.get_source("mindspeed_rl.models.loss.base_loss_func")  # loader delegation
-    monkeypatch.setenv(ENV_DISABLE, "1")
-    assert autopatch.install() is False
-
-
-def test_lora_fixes_follow_the_sections_and_are_undone(fakes, integration, monkeypatch):  # noqa: F811
-    peft = pytest.importorskip("peft")
-    monkeypatch.setattr(peft, "get_peft_model", peft.get_peft_model)
-    original = peft.get_peft_model
-    integration({"r3": {"mode": "R3"}, "lora_extras": {"lora_router_trainable": True}})
-    from mindspeed_rl.workers import integrated_worker
-    from mindspeed_rl.workers.resharding import weight_adaptor
-
-    from mindspeed_rl_r3.patches import mindspeed_rl_integration
-
-    mark = "__r3_mindspeed_rl_lora__"
-    assert getattr(integrated_worker.IntegratedWorker.__ray_actor_class__.compute_ref_log_prob, mark, False)
-    assert getattr(weight_adaptor.Qwen3MoeMVWeightAdaptor.replace_name_i2t, mark, False)
-    assert peft.get_peft_model.router_trainable is True
-    mindspeed_rl_integration.undo()
-    assert peft.get_peft_model is original
-    assert not getattr(weight_adaptor.Qwen3MoeMVWeightAdaptor.replace_name_i2t, mark, False)

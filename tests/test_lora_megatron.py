@@ -1,7 +1,7 @@
 """LoRA on a real megatron-core Qwen3-MoE with peft: merged rollout weights, the reference forward, the trainable
-router, and Megatron <-> transformers conversion, for local (peft) and grouped (MindSpeed-LLM) expert LoRA."""
-
-import sys
+router, and Megatron <-> transformers conversion, for local (peft) expert LoRA. The same tests run with MindSpeed-LLM's
+real grouped expert LoRA (``LoraParallelGroupedMLP``) in tests/upstream/test_lora_grouped.py, which overrides the
+``lora_env`` fixture (the grouped experts class; None here) and ``trained``."""
 
 import pytest
 import torch
@@ -17,13 +17,13 @@ from mindspeed_rl_r3.lora.router import (
     snapshot_router_weights,
 )
 from tests.lora_models import (
-    FAKES,
     SHAPE,
     TARGETS,
     Wrapper,
     hf_logits,
     hf_qwen3,
     install_grouped_lora_experts,
+    load_hf_state,
     megatron_logits,
     megatron_qwen3,
     tokens,
@@ -37,34 +37,32 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def lora_env(megatron):
-    """peft repaired for megatron-core; the fake MindSpeed-LLM importable; both undone afterwards."""
+    """peft repaired for megatron-core (undone afterwards); the grouped experts class: none in this environment."""
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
     from mindspeed_rl_r3.patches import peft_megatron
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(FAKES)
-        yield
-        peft_megatron.undo()
-    for name in [m for m in sys.modules if m.split(".")[0] == "mindspeed_llm"]:
-        sys.modules.pop(name)
+    yield None
+    peft_megatron.undo()
 
 
 def _hf_from(state):
     hf = hf_qwen3()
-    hf.load_state_dict(megatron_to_hf(state, SHAPE))
+    load_hf_state(hf, megatron_to_hf(state, SHAPE))
     return hf
 
 
-def _build(layout, router_trainable=False, steps=3):
-    """Base logits, base state, then LoRA (peft, plus grouped experts for 'grouped') trained for ``steps``."""
+def _build(layout, router_trainable=False, steps=3, grouped_cls=None):
+    """Base logits, base state, then LoRA (peft, plus grouped experts ``grouped_cls`` for 'grouped') trained for
+    ``steps``."""
     from mindspeed_rl_r3.patches.mindspeed_rl_lora import get_peft_model_lora_wrapper
 
     model = megatron_qwen3()
     ids = tokens()
     base_state = {n: p.detach().clone() for n, p in model.named_parameters()}
     if layout == "grouped":
-        install_grouped_lora_experts(model)  # the base model, experts as MindSpeed's grouped GEMM layout
+        # the base model, experts as MindSpeed's grouped GEMM layout
+        install_grouped_lora_experts(model, grouped_cls=grouped_cls)
     base_logits = megatron_logits(model, ids)
     import peft
 
@@ -79,9 +77,9 @@ def _build(layout, router_trainable=False, steps=3):
     return lora, ids, base_logits, base_state
 
 
-@pytest.fixture(scope="module", params=["local", "grouped"])
-def trained(request, lora_env):
-    return (request.param, *_build(request.param))
+@pytest.fixture(scope="module")
+def trained(lora_env):
+    return ("local", *_build("local"))
 
 
 def test_megatron_and_transformers_logits_match(lora_env):
@@ -118,7 +116,7 @@ def test_merged_weights_reproduce_the_adapter_forward(trained):
     merged = merged_state_dict(lora)
     assert list(merged) == megatron_names(SHAPE, layout)
     hf = hf_qwen3()
-    hf.load_state_dict(merged_hf_state_dict([Wrapper(lora)], SHAPE))  # one call, through any wrapper
+    load_hf_state(hf, merged_hf_state_dict([Wrapper(lora)], SHAPE))  # one call, through any wrapper
     assert (hf_logits(hf, ids) - adapter_logits).abs().max() <= TOL
     fresh = megatron_qwen3(seed=5)  # local experts: grouped weights go through the transformers layout
     local = merged if layout == "local" else hf_to_megatron(megatron_to_hf(merged, SHAPE), SHAPE)
@@ -177,7 +175,8 @@ def test_reference_is_restored_after_an_exception(trained):
 
 @pytest.mark.parametrize("router_trainable", [False, True])
 def test_router_trainable_option(lora_env, router_trainable):
-    lora, ids, base_logits, base_state = _build("grouped", router_trainable=router_trainable)
+    layout = "local" if lora_env is None else "grouped"
+    lora, ids, base_logits, base_state = _build(layout, router_trainable=router_trainable, grouped_cls=lora_env)
     routers = {n: p for n, p in lora.named_parameters() if n.endswith("mlp.router.weight")}
     merged = merged_state_dict(lora)
     for name, param in routers.items():
@@ -211,21 +210,3 @@ def test_make_router_trainable_restores_sequence_parallel(lora_env):
     assert torch.equal(router.weight, trained)
     with pytest.raises(ValueError, match=r"no '\*\.mlp\.router' module"):
         make_router_trainable(torch.nn.Linear(2, 2))
-
-
-def test_peft_freezes_grouped_lora_unless_repaired(lora_env):
-    """peft >= 0.21 freezes MindSpeed-LLM's grouped LoRA tensors; the get_peft_model wrapper re-enables them."""
-    import peft
-    from packaging.version import Version
-
-    from mindspeed_rl_r3.lora.trainable import make_grouped_lora_trainable
-
-    model = megatron_qwen3()
-    install_grouped_lora_experts(model)
-    lora = wrap_lora(model)
-    grouped = [n for n, _ in lora.named_parameters() if "_lora_" in n]
-    frozen = [n for n, p in lora.named_parameters() if "_lora_" in n and not p.requires_grad]
-    assert bool(frozen) == (Version(peft.__version__) >= Version("0.21"))
-    assert len(make_grouped_lora_trainable(lora)) == len(frozen)
-    assert all(p.requires_grad for n, p in lora.named_parameters() if n in grouped)
-    assert not any(p.requires_grad for n, p in lora.named_parameters() if n.endswith(("weight1", "weight2")))
