@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mindspeed_rl_r3", "mindspeed_rl_r3.*"]),
-    install_requires=["torch>=2.1", "numpy>=1.24", "tqdm>=4.60", "xxhash>=3.0"],
+    install_requires=["torch>=2.1", "numpy>=1.24", "tqdm>=4.60", "xxhash>=3.0", "math-verify>=0.7"],
     extras_require={
         # The CPU reference pipeline: transformers Qwen3-MoE rollout, peft LoRA, Ray, plots. megatron-core is
         # installed beside it (README: 0.12.1 with --no-deps, MindSpeed-RL's pin, without its GPU extras).
@@ -24,6 +24,7 @@ setup(
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",
+            "math-verify>=0.7",
             "ruff>=0.6",
             "packaging",
             "transformers>=4.57",

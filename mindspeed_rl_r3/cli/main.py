@@ -20,6 +20,7 @@ TARGETS = {
     "replay": (("replay_over_native_time", "<=", 1.05),),
     "capture": (("capture_overhead", "<=", 0.03), ("host_syncs_per_step", "==", 0)),
     "aqn": (("apply_ms", "<", 5.0),),
+    "reward": (("worst_case_ms_1mb", "<", 50.0), ("ours_wrong_credited", "==", 0)),
 }
 _COMPARE = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b, "==": lambda a, b: a == b}
 
@@ -48,11 +49,18 @@ def _run_aqn(args: argparse.Namespace) -> dict:
     return run_aqn_bench(AQNBenchConfig(repeats=args.repeats, seed=args.seed))
 
 
+def _run_reward(args: argparse.Namespace) -> dict:
+    from mindspeed_rl_r3.bench.reward import RewardBenchConfig, run_reward_bench
+
+    return run_reward_bench(RewardBenchConfig(repeats=args.repeats, seed=args.seed))
+
+
 SUITES: dict[str, tuple[str, Callable[[argparse.Namespace], dict], int]] = {
     "routing": ("wire size per token and encode -> decode -> layout throughput", _run_routing, 5),
     "replay": ("router forward+backward time with replay vs native, and the alignment check", _run_replay, 20),
     "capture": ("generate throughput with vs without routing capture, and host syncs in its hot path", _run_capture, 3),
     "aqn": ("time to draw and apply AQN noise for Qwen3-30B-A3B norm shapes on one core", _run_aqn, 50),
+    "reward": ("GSM8K reward throughput and 1 MB worst case vs math-verify alone", _run_reward, 3),
 }
 
 

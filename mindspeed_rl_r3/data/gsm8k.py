@@ -28,85 +28,226 @@ from typing import Any
 PROBLEM_KEY = "problem"
 ANSWER_KEY = "answer"
 
-_NUMBER = re.compile(
-    r"(?<![\w.])"  # not glued to a word, digit or decimal point: no number in "x2", no sign in "5-3"
-    r"(?P<sign>[-+\u2212])?"
-    r"\s?\$?\s?"
-    r"(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+# Every scan below is linear and bounded: the answer is found with C-speed rfind/find, and regexes only ever run on
+# a bounded window (an answer span of at most _SPAN_CHARS, a number of at most _NUMBER_CHARS), with no nested
+# quantifiers over one character class. A number longer than _NUMBER_CHARS is degenerate output: no answer.
+_SPAN_CHARS = 512
+_NUMBER_CHARS = 256
+_MAX_SKIPPED_ANNOTATIONS = 4
+_DIGITS = "0123456789"
+_NUMBER_CHARS_SET = frozenset(_DIGITS + ",.")
+_SIGNS = {"-": -1, "\u2212": -1, "+": 1}
+_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d*)?|\.\d+")
+_FIRST_NUMBER = re.compile(
+    r"(?<![\w.])(?P<sign>[-+\u2212])? ?\$? ?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
 )
-_SIMPLE_FRACTION = re.compile(r"^\s*(?P<sign>[-+\u2212])?\s*(?P<p>\d+)\s*/\s*(?P<q>\d+)\s*$")
-_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]*)\s*\}\s*\{\s*([^{}]*)\s*\}")
-_LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
-_ANNOTATION = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations: <<48/2=24>>
+# A whole answer span that is one number: optional sign and $, the number, an optional /q, then % or unit words.
+_PLAIN = re.compile(
+    r" ?(?P<sign>[-+\u2212])? ?\$? ?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d*)?|\.\d+)"
+    r"(?: ?/ ?(?P<den>\d+))? ?%?(?: [A-Za-z][A-Za-z ]*)?\.?"
+)
+_LATEX_FRAC = re.compile(r"\\[dt]?frac ?\{ ?(-?[\d.,]+) ?\} ?\{ ?([\d.,]+) ?\}|\\[dt]?frac(\d)(\d)")
+_LATEX_TEXT = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox|operatorname)\s?\{([^{}]*)\}")
+_FRAC_BEFORE = re.compile(r"\\[dt]?frac ?\{ ?(-?\d+) ?\} ?\{ ?$")  # run on at most 64 characters
+_BRACES = re.compile(r"[{}]")
+_WHITESPACE = re.compile(r"\s+")
 
 
 class GSM8KFormatError(ValueError):
     """A GSM8K file or record that cannot be read or converted; the message names the file, line and field."""
 
 
+def _fraction(num: str, sign: str | None = None, den: str | None = None) -> Fraction | None:
+    """Exact value of a bounded number string (``1,000``, ``0.5``, ``72.``), or None (e.g. a zero denominator)."""
+    value = Fraction(num.replace(",", "").rstrip(".") or "0")
+    if den is not None:
+        if int(den) == 0:
+            return None
+        value /= int(den)
+    return -value if sign in ("-", "\u2212") else value
+
+
 def parse_number(text: str) -> Fraction | None:
-    """The first number in ``text`` as an exact fraction, or None.
+    """The first number in ``text`` as an exact fraction, or None; never raises, reads at most 512 characters.
 
     Accepts ``1,000``, ``-12``, ``+3``, ``0.5``, ``.5``, ``$18``, ``-$5``, ``72.`` and a simple fraction ``3/4``
     standing alone (LaTeX ``\\frac{3}{4}`` too).
     """
-    text = _clean_latex(text)
-    fraction = _SIMPLE_FRACTION.match(text)
-    if fraction:
-        q = int(fraction["q"])
-        if q == 0:
-            return None
-        value = Fraction(int(fraction["p"]), q)
-        return -value if fraction["sign"] in ("-", "\u2212") else value
-    match = _NUMBER.search(text)
-    return _to_fraction(match) if match else None
+    if not isinstance(text, str):
+        return None
+    span = _clean_latex(text[:_SPAN_CHARS])
+    if _PLAIN.fullmatch(_WHITESPACE.sub(" ", span).strip()):
+        return _plain_value(span)  # None for 1/0
+    match = _FIRST_NUMBER.search(span)
+    if match is None or len(match["num"]) > _NUMBER_CHARS:
+        return None
+    return _fraction(match["num"], match["sign"])
 
 
-def _to_fraction(match: re.Match) -> Fraction:
-    value = Fraction(match["num"].replace(",", ""))
-    return -value if match["sign"] in ("-", "\u2212") else value
-
-
-def _last_number(text: str) -> Fraction | None:
-    last = None
-    for last in _NUMBER.finditer(text):  # noqa: B007 - only the last match matters
-        pass
-    return _to_fraction(last) if last else None
-
-
-def _clean_latex(text: str) -> str:
-    text = _LATEX_TEXT.sub(r" \1 ", text)
-    text = _LATEX_FRAC.sub(r"\1/\2", text)
+def _clean_latex(span: str) -> str:
+    """Bounded LaTeX clean-up of an answer span: text macros unwrapped, fractions as ``p/q``, spacing dropped."""
     for old, new in (
         ("{,}", ","),
         ("\\!", ""),
         ("\\$", "$"),
         ("\\%", "%"),
         ("\\,", ""),
+        ("\\;", " "),
+        ("\\ ", " "),
         ("\\left", ""),
         ("\\right", ""),
+        ("\\displaystyle", ""),
     ):
-        text = text.replace(old, new)
-    return text
+        span = span.replace(old, new)
+    span = _WHITESPACE.sub(" ", span)
+    span = _LATEX_TEXT.sub(r" \1 ", span)
+    return _LATEX_FRAC.sub(lambda m: f" {m[1] or m[3]}/{m[2] or m[4]} ", span)
+
+
+def _plain_value(span: str) -> Fraction | None:
+    """The value of a span that is exactly one number (``$1,000``, ``-3/4``, ``18%``, ``72 apples``), else None."""
+    span = _WHITESPACE.sub(" ", span).strip()
+    match = _PLAIN.fullmatch(span)
+    if match is None or len(match["num"]) > _NUMBER_CHARS or len(match["den"] or "") > _NUMBER_CHARS:
+        return None
+    return _fraction(match["num"], match["sign"], match["den"])
+
+
+def _math_verify_value(span: str) -> Fraction | None:
+    """An answer span that is an expression (``12 \\times 3``, ``2^{10}``, ``3\\frac{1}{2}``), read by math-verify.
+
+    math-verify parses the LaTeX; the value counts only when it is an exact rational (GSM8K answers are), so its
+    float rounding never credits an approximate answer. Spans that could make sympy explode (long, power towers,
+    factorials, big exponents) are refused up front, which bounds the time without math-verify's signal-based timeout
+    (that only works in a process's main thread).
+    """
+    if len(span) > 128 or span.count("^") > 1 or "!" in span or "\\infty" in span:
+        return None
+    caret = span.find("^")
+    if caret >= 0 and sum(c.isdigit() for c in span[caret : caret + 8]) > 3:
+        return None
+    if any(len(run) > 40 for run in re.split(r"\D", span)):
+        return None
+    try:
+        import sympy
+        from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+        parsed = parse(
+            "\\boxed{" + span + "}",
+            extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+            parsing_timeout=None,
+        )
+        value = next((v for v in parsed if isinstance(v, sympy.Basic)), None)
+        if value is not None and not value.is_Rational:
+            value = value.doit()  # math-verify keeps 12*3 unevaluated; the guards above bound this evaluation
+        if value is None or not value.is_Rational:
+            return None
+        return Fraction(int(value.p), int(value.q))
+    except Exception:  # a third-party parser on hostile text: whatever it raises, the span has no value
+        return None
+
+
+def _span_value(span: str) -> Fraction | None:
+    """The value of an answer span (a box's content or the line after ``####``), bounded to 512 characters."""
+    span = span[:_SPAN_CHARS]
+    cleaned = _clean_latex(span)
+    value = _plain_value(cleaned.rsplit("=", 1)[-1])
+    if value is not None or not any(c.isdigit() for c in cleaned):
+        return value
+    return _math_verify_value(span.rsplit("=", 1)[-1].strip().rstrip("."))
 
 
 def _last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced; None if there is none."""
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``); None if there is none, or it is unbalanced or
+    longer than 512 characters (a truncated or degenerate response)."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
-    brace = text.find("{", start)
+    brace = text.find("{", start, start + 12)
     if brace < 0:
         return None
     depth = 0
-    for i in range(brace, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[brace + 1 : i]
-    return None  # unbalanced: a truncated response
+    for match in _BRACES.finditer(text, brace, brace + _SPAN_CHARS + 2):
+        depth += 1 if match[0] == "{" else -1
+        if depth == 0:
+            return text[brace + 1 : match.start()]
+    return None
+
+
+def _last_digit(text: str, end: int) -> int:
+    return max(text.rfind(d, 0, end) for d in _DIGITS)
+
+
+def _number_at(text: str, last: int) -> tuple[int, Fraction | None] | None:
+    """The number whose last digit is at ``last``: (start index, value or None when it is not a plain number).
+
+    None when it is longer than 256 characters. Reads only a bounded window before ``last``.
+    """
+    start = last
+    while start > 0 and text[start - 1] in _NUMBER_CHARS_SET:
+        start -= 1
+        if last - start > _NUMBER_CHARS:
+            return None
+    token = text[start : last + 1].lstrip(",")
+    start = last + 1 - len(token)
+    if token.count(".") > 1 or (token.startswith(".") and start > 0 and text[start - 1].isalnum()):
+        return start, None  # a version, an IP address, a dotted word: not an answer
+    if not _NUMBER.fullmatch(token):
+        token = token.rsplit(",", 1)[-1]  # "3,4,5" is a list: its last number
+        start = last + 1 - len(token)
+    return start, _fraction(token)
+
+
+def _last_number(text: str) -> Fraction | None:
+    """The last number in ``text`` with its sign and ``$``, a trailing ``p/q`` or ``\\frac{p}{q}`` read as a fraction.
+
+    Numbers inside GSM8K calculator annotations ``<<48/2=24>>`` are skipped; an exponent, a date-like ``1/2/3`` or a
+    degenerate number gives None. Linear: a few C-speed reverse searches, then bounded windows.
+    """
+    end = len(text)
+    for _ in range(_MAX_SKIPPED_ANNOTATIONS + 1):
+        last = _last_digit(text, end)
+        if last < 0:
+            return None
+        opened, closed = text.rfind("<<", 0, last), text.rfind(">>", 0, last)
+        if opened > closed and text.find(">>", last, last + _SPAN_CHARS) > 0:
+            end = opened  # inside an annotation: look before it
+            continue
+        break
+    else:
+        return None
+    found = _number_at(text, last)
+    if found is None or found[1] is None:
+        return None
+    start, value = found
+    if start > 0 and (text[start - 1].isalpha() or text[start - 1] == "_"):
+        return None  # glued to a word: "Qwen3", "x2"
+    after = text[last + 1 : last + 3]
+    before = text[max(0, start - 64) : start]
+    if after.startswith("^") or before.endswith(("^", "^{", "_", "_{")):
+        return None  # an exponent or an index, not a quantity
+    frac = _FRAC_BEFORE.search(before)
+    if frac is not None and after.lstrip(" ").startswith("}"):
+        return None if value == 0 else Fraction(int(frac[1])) / value
+    stripped = before.rstrip(" ")
+    if stripped.endswith("/"):  # p/q: read the numerator
+        slash = len(before) - len(stripped) + 1
+        numerator_end = start - slash
+        head = text[max(0, numerator_end - 2) : numerator_end].rstrip(" ")
+        if not head or not head[-1].isdigit():
+            return None
+        inner = _number_at(text, max(0, numerator_end - 2) + len(head) - 1)
+        if inner is None or inner[1] is None or value == 0:
+            return None
+        if text[max(0, inner[0] - 1) : inner[0]] == "/":
+            return None  # 1/2/2024: a date
+        start, value = inner[0], inner[1] / value
+    prefix = text[max(0, start - 4) : start].rstrip(" ").rstrip("$").rstrip(" ")
+    sign = prefix[-1:] if prefix[-1:] in _SIGNS else ""
+    glued = prefix[-2:-1]
+    if sign and glued and (glued.isalnum() or glued in ".)"):
+        sign = ""  # 5-3 or x-3: a binary minus, not a sign
+    return -value if _SIGNS.get(sign, 1) < 0 else value
 
 
 def canonical_number(value: Fraction) -> str:
@@ -128,25 +269,32 @@ def canonical_number(value: Fraction) -> str:
 
 
 def _final_value(text: str) -> Fraction | None:
-    if "####" in text:
-        tail = text.rsplit("####", 1)[1].strip().splitlines()
-        value = parse_number(tail[0]) if tail else None
-        if value is not None:
-            return value
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        boxed = _clean_latex(boxed)
-        value = parse_number(boxed) if _SIMPLE_FRACTION.match(boxed) else _last_number(boxed)
-        if value is not None:
-            return value
-    return _last_number(_ANNOTATION.sub(" ", text))
+    """The final answer's exact value; None for no answer. Linear time on any input, never raises."""
+    if not isinstance(text, str):
+        return None
+    try:
+        hashes = text.rfind("####")
+        if hashes >= 0:
+            line = text[hashes + 4 : hashes + 4 + _SPAN_CHARS].split("\n", 1)[0].strip()
+            if line:
+                value = _span_value(line)
+                if value is not None:
+                    return value
+        boxed = _last_boxed(text)
+        if boxed is not None:
+            return _span_value(boxed)
+        return _last_number(text)
+    except (ValueError, ArithmeticError, RecursionError):  # e.g. a pathological exponent: no answer, never a crash
+        return None
 
 
 def extract_final_number(text: str) -> str | None:
     """The final numeric answer of a GSM8K solution or a model response, canonical (``"1000"``, ``"-0.5"``).
 
-    Order: the number after the last ``####``; else the last ``\\boxed{...}``; else the last number in the text
-    (calculator annotations ``<<...>>`` ignored). None when the text holds no number.
+    Order: the number after the last ``####``; else the content of the last ``\\boxed{...}`` (one number, ``p/q``,
+    ``\\frac{p}{q}``, or an expression math-verify reads as an exact rational); else the last number in the text
+    (calculator annotations ``<<...>>`` ignored, a trailing ``3/4`` read as a fraction). None when the text holds no
+    readable answer, including for non-strings. Linear time, never raises.
     """
     value = _final_value(text)
     return None if value is None else canonical_number(value)
@@ -155,17 +303,28 @@ def extract_final_number(text: str) -> str | None:
 def _label_value(label: Any) -> Fraction:
     if isinstance(label, bool):
         raise GSM8KFormatError(f"label {label!r} is not a number")
-    if isinstance(label, int | float):
+    if isinstance(label, int):
+        return Fraction(label)
+    if isinstance(label, float):
+        if label != label or label in (float("inf"), float("-inf")):
+            raise GSM8KFormatError(f"label {label!r} is not a finite number")
         return Fraction(str(label))
     if isinstance(label, str):
         value = _final_value(label)
         if value is not None:
             return value
-    raise GSM8KFormatError(f"label {label!r} holds no number (expected e.g. '72' or a GSM8K answer ending '#### 72')")
+    shown = repr(label) if not isinstance(label, str) or len(label) < 80 else repr(label[:80]) + "..."
+    raise GSM8KFormatError(f"label {shown} holds no number (expected e.g. '72' or a GSM8K answer ending '#### 72')")
 
 
-def gsm8k_reward(response_text: str, label: str | int | float) -> float:
-    """1.0 when the response's final number equals the label's exactly (as fractions), else 0.0.
+def gsm8k_reward(response_text: str | None, label: str | int | float) -> float:
+    """1.0 when the response's final answer equals the label exactly (as rationals), else 0.0.
+
+    Never raises on the response and runs in linear time on any string (a 1 MB degenerate output takes
+    milliseconds): ``None``, non-strings, unbalanced LaTeX, digit runs past Python's int-conversion limit all score
+    0.0. Equivalence: ``72``, ``72.0``, ``$72.00``, ``3/4``, ``0.75`` and ``\\frac{3}{4}`` compare as exact
+    rationals (never rounded, so ``0.333333`` is not ``1/3``); expression answers are read with math-verify. ``18%``
+    counts as ``18`` (GSM8K's percentage questions are labelled with the bare number).
 
     ``label`` is the converted answer (``"72"``), a GSM8K solution ending ``#### 72``, or a number; a label without
     a number raises :class:`GSM8KFormatError` (bad data, not a wrong answer).

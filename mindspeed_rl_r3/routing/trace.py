@@ -82,6 +82,22 @@ class MoEModelSpec:
     def dtype(self) -> torch.dtype:
         return compact_dtype(self.num_experts)
 
+    @property
+    def layout_id(self) -> int:
+        """Nonzero 32-bit fingerprint of the routing layout: decoder layer count, which layers are MoE, top-k, experts.
+
+        Two models with the same counts but MoE layers in different places get different ids, so a payload stamped
+        with one is refused by the other (see :mod:`mindspeed_rl_r3.routing.codec`).
+        """
+        words = np.asarray([self.num_layers, self.topk, self.num_experts, *self.moe_layers], dtype=np.int64)
+        return zlib.crc32(words.tobytes(), zlib.crc32(b"R3-moe-layout")) or 1
+
+    def describe(self) -> str:
+        """``MoE layers [1, 2, 4, 5] of 6, top-8 of 128 experts`` (for error messages)."""
+        return (
+            f"MoE layers {list(self.moe_layers)} of {self.num_layers}, top-{self.topk} of {self.num_experts} experts"
+        )
+
     @classmethod
     def from_hf_config(cls, config: object) -> MoEModelSpec:
         """Read a Qwen3-MoE / Qwen2-MoE style HF config (object or dict)."""
@@ -110,13 +126,16 @@ class RoutingTrace:
     """Routing of one sample: ``ids`` is ``[rows, num_moe_layers, topk]`` in :func:`compact_dtype`.
 
     ``prompt_len`` (tokens) and ``token_hash`` (:func:`token_fingerprint` of prompt + response ids) are optional
-    provenance, checked against the training batch when present.
+    provenance, checked against the training batch when present. ``layout`` is the recording model's
+    :attr:`MoEModelSpec.layout_id` when known; the codec carries it, and decoding or validating against a spec with
+    another routing layout is refused.
     """
 
     ids: torch.Tensor
     num_experts: int
     prompt_len: int | None = None
     token_hash: int | None = None
+    layout: int | None = None
 
     def __post_init__(self) -> None:
         if self.ids.dim() != 3:
@@ -127,6 +146,8 @@ class RoutingTrace:
                 f"trace ids for {self.num_experts} experts must be {expected}, got {self.ids.dtype}; "
                 "build traces with RoutingTrace.from_ids"
             )
+        if self.layout is not None and not 0 < self.layout < 1 << 32:
+            raise RoutingError(f"trace layout must be a MoEModelSpec.layout_id (nonzero uint32), got {self.layout}")
 
     @classmethod
     def from_ids(
@@ -135,8 +156,12 @@ class RoutingTrace:
         num_experts: int,
         prompt_len: int | None = None,
         token_ids: torch.Tensor | np.ndarray | Sequence[int] | None = None,
+        layout: int | None = None,
     ) -> RoutingTrace:
-        """Build a trace from any integer ids ``[rows, layers, topk]``; negative ids mark missing entries."""
+        """Build a trace from any integer ids ``[rows, layers, topk]``; negative ids mark missing entries.
+
+        ``layout`` is the recording model's :attr:`MoEModelSpec.layout_id`.
+        """
         t = torch.as_tensor(ids)
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise RoutingError(f"expert ids must be integers, got {t.dtype}")
@@ -153,12 +178,12 @@ class RoutingTrace:
                 )
             t = torch.where(wide < 0, torch.full_like(wide, missing_value(dtype)), wide).to(dtype)
         fingerprint = None if token_ids is None else token_fingerprint(token_ids)
-        return cls(t.contiguous(), num_experts, prompt_len, fingerprint)
+        return cls(t.contiguous(), num_experts, prompt_len, fingerprint, layout)
 
     @classmethod
     def all_missing(cls, rows: int, spec: MoEModelSpec) -> RoutingTrace:
         ids = torch.full((rows, spec.num_moe_layers, spec.topk), missing_value(spec.dtype), dtype=spec.dtype)
-        return cls(ids, spec.num_experts)
+        return cls(ids, spec.num_experts, layout=spec.layout_id)
 
     @property
     def rows(self) -> int:
@@ -196,7 +221,13 @@ class RoutingTrace:
                 f"continuation has layers/topk/experts {tuple(continuation.ids.shape[1:])}/"
                 f"{continuation.num_experts}, trace has {tuple(self.ids.shape[1:])}/{self.num_experts}"
             )
-        return RoutingTrace(torch.cat([self.ids, continuation.ids]), self.num_experts, self.prompt_len)
+        if None not in (self.layout, continuation.layout) and self.layout != continuation.layout:
+            raise RoutingError(
+                f"continuation was recorded by a model with routing layout {continuation.layout:#010x}, the trace by "
+                f"{self.layout:#010x}"
+            )
+        layout = self.layout if self.layout is not None else continuation.layout
+        return RoutingTrace(torch.cat([self.ids, continuation.ids]), self.num_experts, self.prompt_len, layout=layout)
 
 
 def _where(sample_index: int | None) -> str:
@@ -230,6 +261,11 @@ def validate_trace(
         if found != expected:
             raise RoutingError(
                 f"{where}: trace has (moe_layers, topk, num_experts) = {found}, the model expects {expected}"
+            )
+        if trace.layout is not None and trace.layout != spec.layout_id:
+            raise RoutingError(
+                f"{where}: trace was recorded by a model with routing layout {trace.layout:#010x}, this model "
+                f"({spec.describe()}) has {spec.layout_id:#010x}: same counts, MoE layers in other places"
             )
     if prompt_len is not None and trace.prompt_len is not None and prompt_len != trace.prompt_len:
         raise RoutingError(
