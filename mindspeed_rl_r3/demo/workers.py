@@ -102,7 +102,11 @@ class RolloutWorker:
                 trace = cap.trace(b, num_tokens=len(prompt) + len(response), prompt_len=len(prompt))
                 traces.append(
                     RoutingTrace.from_ids(
-                        trace.ids, trace.num_experts, prompt_len=len(prompt), token_ids=prompt + response
+                        trace.ids,
+                        trace.num_experts,
+                        prompt_len=len(prompt),
+                        token_ids=prompt + response,
+                        layout=trace.layout,
                     )
                 )
                 responses.append(response)

@@ -108,7 +108,7 @@ def join_partial(previous: RoutingTrace | None, continuation: RoutingTrace) -> R
             f"partial-rollout continuation has {continuation.rows} routing rows, fewer than the {previous.rows} "
             "rows of the segments before it"
         )
-    tail = RoutingTrace(continuation.ids[previous.rows :], continuation.num_experts)
+    tail = RoutingTrace(continuation.ids[previous.rows :], continuation.num_experts, layout=continuation.layout)
     return previous.extend(tail)
 
 
@@ -120,7 +120,9 @@ def _cut(trace: RoutingTrace, input_ids: torch.Tensor, response_len: int, index:
             f"{input_ids.numel()} tokens and needs {rows}"
         )
     prompt_len = input_ids.numel() - response_len
-    return RoutingTrace(trace.ids[:rows].contiguous(), trace.num_experts, prompt_len, token_fingerprint(input_ids))
+    return RoutingTrace(
+        trace.ids[:rows].contiguous(), trace.num_experts, prompt_len, token_fingerprint(input_ids), trace.layout
+    )
 
 
 def _group_shares_prompt(input_ids: Sequence[torch.Tensor], responses: Sequence[torch.Tensor]) -> bool:

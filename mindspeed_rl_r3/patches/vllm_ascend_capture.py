@@ -284,7 +284,8 @@ def trace_from_native(
     moe = ids[:, list(spec.moe_layers)]
     if spec.topk > 1:
         moe = torch.where((moe == 0).all(dim=-1, keepdim=True), torch.full_like(moe, -1), moe)
-    return RoutingTrace.from_ids(moe, spec.num_experts, prompt_len=prompt_len, token_ids=token_ids)
+    layout = spec.layout_id
+    return RoutingTrace.from_ids(moe, spec.num_experts, prompt_len=prompt_len, token_ids=token_ids, layout=layout)
 
 
 def request_sample_index(request_id: str, first_request: int = 0) -> tuple[int, int]:

@@ -145,7 +145,9 @@ class RoutingRecorder:
         if rows > ids.shape[0]:
             pad = torch.full((rows - ids.shape[0], *ids.shape[1:]), self.sentinel, dtype=ids.dtype)
             ids = torch.cat([ids, pad])
-        trace = RoutingTrace.from_ids(ids[:rows], self.spec.num_experts, prompt_len=prompt_len, token_ids=token_ids)
+        trace = RoutingTrace.from_ids(
+            ids[:rows], self.spec.num_experts, prompt_len=prompt_len, token_ids=token_ids, layout=self.spec.layout_id
+        )
         return trace
 
     def reset(self) -> None:
