@@ -206,6 +206,8 @@ def use_cpu_backend() -> None:
     cpu_backend.install()
     cpu_backend.use_upstream(root)
     os.environ[cpu_backend.ENV_UPSTREAM] = str(root)
+    # A local trial cluster: without this, Ray 2.60 starts with token auth, which the workers cannot pass.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def build_parser() -> argparse.ArgumentParser:

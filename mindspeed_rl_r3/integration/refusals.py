@@ -34,13 +34,31 @@ def refusals(rl: Any, megatron: Any, generate: Any, config: IntegrationConfig) -
             problems.append("generate_config.torchair_graph (capture runs in vllm-ascend's eager / ACL graph MoE)")
         if getattr(megatron, "num_layers_per_virtual_pipeline_stage", None):
             problems.append("actor_config.num_layers_per_virtual_pipeline_stage (replay serves one chunk per rank)")
-        if config.r3.group_dedupe and not getattr(rl, "guarantee_order", False):
-            problems.append(
-                "r3.group_dedupe with rl_config.guarantee_order: false (MindSpeed-RL's default samples single rows "
-                "at random, splitting GRPO groups from the leader that carries their shared prompt routing): set "
-                "rl_config.guarantee_order: true or r3.group_dedupe: false"
-            )
+        if config.r3.group_dedupe:
+            problems += _group_dedupe_problems(rl)
     return problems
+
+
+# Consumers of the routing column whose dispatch must hand out whole GRPO groups for group dedupe to decode.
+_GROUP_DISPATCHES = ("actor_logprob_dispatch_size", "actor_update_dispatch_size", "ref_dispatch_size")
+
+
+def _group_dedupe_problems(rl: Any) -> list[str]:
+    """A follower's payload decodes only next to its group's leader, so every dispatch must carry whole groups."""
+    fix = "or r3.group_dedupe: false"
+    if not getattr(rl, "guarantee_order", False):
+        return [
+            "r3.group_dedupe with rl_config.guarantee_order: false (MindSpeed-RL's default samples single rows at "
+            "random, splitting GRPO groups from the leader that carries their shared prompt routing): set "
+            f"rl_config.guarantee_order: true {fix}"
+        ]
+    n = int(getattr(rl, "n_samples_per_prompt", 1) or 1)
+    return [
+        f"r3.group_dedupe with rl_config.{name}: {size}, not a multiple of n_samples_per_prompt {n} (a dispatch "
+        f"would split a GRPO group): use a multiple of {n} {fix}"
+        for name in _GROUP_DISPATCHES
+        if (size := getattr(rl, name, None)) and int(size) % n
+    ]
 
 
 def refusal_message(problems: list[str]) -> str:

@@ -52,6 +52,11 @@ def test_group_dedupe_needs_guarantee_order(integration):
     config = load_sections({"r3": {"mode": "R3", "group_dedupe": False}})
     assert refusals(*_configs({}), config) == []
     assert refusals(*_configs({"guarantee_order": True}), load_sections(R3)) == []
+    # guarantee_order hands each DP rank a contiguous range: whole groups only if the dispatch is a multiple of n
+    split = {"guarantee_order": True, "n_samples_per_prompt": 4, "actor_update_dispatch_size": 6}
+    (problem,) = refusals(*_configs(split), load_sections(R3))
+    assert "rl_config.actor_update_dispatch_size: 6, not a multiple of n_samples_per_prompt 4" in problem
+    assert refusals(*_configs({**split, "actor_update_dispatch_size": 8}), load_sections(R3)) == []
 
 
 def test_the_driver_refuses_the_same_configs_before_ray_starts(monkeypatch, tmp_path):

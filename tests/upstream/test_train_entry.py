@@ -13,7 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 from mindspeed_rl_r3 import train
+from mindspeed_rl_r3.config import load_sections
 from mindspeed_rl_r3.integration.env import ENV_SECTIONS
+from mindspeed_rl_r3.integration.refusals import refusals
 
 SHIPPED = sorted(p.stem for p in train.REPO_CONFIGS.glob("grpo_*.yaml"))
 
@@ -40,6 +42,9 @@ def test_shipped_config_passes_mindspeed_rls_own_validation(name, no_published_s
     assert rl.actor_resource.num_npus == msrl["rl_config"]["actor_resource"]["num_npus"]
     assert actor.tensor_model_parallel_size == msrl["actor_config"]["tensor_model_parallel_size"]
     assert runtime_env["env_vars"]["HCCL_BUFFSIZE"] == str(rl.hccl_buffersize)
+    # the worker-init check on the dispatch sizes validate_rl_args derived (whole GRPO groups for group dedupe)
+    sections = load_sections(json.loads(os.environ[ENV_SECTIONS]))
+    assert rl.actor_update_dispatch_size and refusals(rl, actor, parsed["generate_config"], sections) == []
 
 
 def test_a_plain_dict_is_what_broke_mindspeed_rls_validation(no_published_sections, ray_cluster):
