@@ -1,5 +1,6 @@
-"""Routing and rollout log-probs through MindSpeed-RL's TransferDock (fake at 05a90d77): columns, padding, packing,
-group dedupe, partial-rollout joins, the metric reduction."""
+"""The routing and rollout log-prob columns without MindSpeed-RL: the column plan, the sections' transport, cutting,
+group dedupe, partial-rollout joins, the metric reduction (through the real TransferDock and trainer:
+tests/upstream/test_transfer_dock.py and test_trainer.py)."""
 
 import pytest
 import torch
@@ -23,7 +24,6 @@ from mindspeed_rl_r3.integration.settings import (
     sections_from_environment,
 )
 from mindspeed_rl_r3.routing import RoutingError, RoutingTrace, decode, token_fingerprint
-from tests.integration_support import fakes, integration  # noqa: F401  (fixtures)
 from tests.routing_data import random_trace
 
 LAYERS, TOPK, EXPERTS = 3, 2, 8
@@ -66,52 +66,6 @@ def test_sections_travel_as_json_and_bad_ones_name_the_variable(tmp_path):
         decode_sections("{r3")
     with pytest.raises(ConfigError, match=r"MINDSPEED_RL_R3_SECTIONS: r3\.group_dedupe"):
         decode_sections('{"r3": {"group_dedupe": "yes"}}')
-
-
-def test_unknown_columns_are_rejected_by_the_transfer_dock(fakes):  # noqa: F811
-    from mindspeed_rl.trainer.utils.transfer_dock import GRPOTransferDock
-
-    td = GRPOTransferDock.remote(prompts_num=2, n_samples_per_prompt=1)
-    with pytest.raises(ValueError, match="put experience ERROR: routed_experts not in TD experience_column"):
-        td.put_experience.remote({ROUTED_EXPERTS: [torch.zeros(3, dtype=torch.int32)]}, indexes=[0])
-    with pytest.raises(ValueError, match="get experience ERROR: routed_experts not in TD experience_column"):
-        td.get_experience.remote("actor_train", [ROUTED_EXPERTS], 1, indexes=[0])
-
-
-def test_columns_survive_padding_packing_and_dispatch_padding(fakes):  # noqa: F811
-    from mindspeed_rl.trainer.utils.transfer_dock import (
-        GRPOTransferDock,
-        pack_experience_columns,
-        unpack_pad_experience,
-    )
-    from mindspeed_rl.utils.pad_process import padding_dict_to_tensor_dict, remove_padding_tensor_dict_to_dict
-
-    prompts, responses = [4, 4, 6, 6], [3, 5, 1, 4]
-    samples, ids = _samples(prompts, responses)
-    resp = [x[p:] for x, p in zip(ids, prompts, strict=True)]
-    cols = rollout_columns(samples, ids, resp, routed_experts=True, group_size=2, group_dedupe=False)
-    td = GRPOTransferDock.remote(
-        prompts_num=4, n_samples_per_prompt=1, addition_columns=[ROUTED_EXPERTS, ROLLOUT_LOG_PROBS]
-    )
-    put = {ROUTED_EXPERTS: cols[ROUTED_EXPERTS], ROLLOUT_LOG_PROBS: cols[ROLLOUT_LOG_PROBS], "input_ids": ids}
-    td.put_experience.remote(padding_dict_to_tensor_dict(put), indexes=[0, 1, 2, 3])
-    got, _ = td.get_experience.remote(
-        "actor_train", [ROUTED_EXPERTS, ROLLOUT_LOG_PROBS, "input_ids"], 4, indexes=[0, 1, 2, 3]
-    )
-    packed, lengths = pack_experience_columns("actor_train", remove_padding_tensor_dict_to_dict(got), 4)
-    assert packed[ROUTED_EXPERTS].dtype == torch.int32 and packed[ROLLOUT_LOG_PROBS].dtype == torch.float32
-    batch = unpack_pad_experience(packed, lengths, pad_id=151643, multiple=4)
-    assert batch[ROUTED_EXPERTS].shape[1] % 4 == 0
-    traces = micro_batch_traces(
-        batch[ROUTED_EXPERTS],
-        torch.tensor(prompts).reshape(-1, 1),
-        torch.tensor(responses).reshape(-1, 1),
-        input_ids=torch.nn.utils.rnn.pad_sequence(ids, batch_first=True),
-    )
-    for i, t in enumerate(traces):
-        assert torch.equal(t.ids, samples[i].trace.ids[: prompts[i] + responses[i] - 1])
-        assert t.prompt_len == prompts[i] and t.token_hash == token_fingerprint(ids[i])
-        assert torch.equal(batch[ROLLOUT_LOG_PROBS][i, : responses[i]], samples[i].log_probs)
 
 
 def test_responses_cut_at_the_first_pad_cut_routing_and_log_probs():
@@ -181,46 +135,6 @@ def test_encoded_metrics_reduce_to_weighted_means_maxima_and_minima():
     reduced, rest = reduce_entries(entries)
     assert reduced == pytest.approx({"m/k3": 0.2, "m/max": 5.0, "m/min": 0.3})
     assert rest == {"actor/lr": [1e-5]}
-
-
-def test_trainer_patch_adds_the_columns_and_reduces_metrics(fakes, integration):  # noqa: F811
-    integration()
-    from types import SimpleNamespace
-
-    from mindspeed_rl.trainer import grpo_trainer_hybrid
-    from mindspeed_rl.utils.metrics import Metric
-
-    worker = SimpleNamespace(rl_config=SimpleNamespace(data_strategy="td"), init_transfer_dock=lambda td: None)
-    trainer = grpo_trainer_hybrid.RayGRPOTrainer(worker, worker, [], global_batch_size=2, n_samples_per_prompt=2,
-                                                 dataset_additional_keys=["labels"])  # fmt: skip
-    columns = trainer.transfer_dock.instance.experience_columns
-    assert columns[-2:] == [ROUTED_EXPERTS, ROLLOUT_LOG_PROBS] and columns.count("labels") == 1
-    assert "build_grpo" not in vars(trainer.data_strategy)  # the instance override is gone again
-    metrics = Metric()
-    metrics.update(value=mean_entry("mismatch/update/k3_kl", 0.2, 4), cumulate=True)
-    metrics.update(value={"timing/update": [3.0, 1.0]}, cumulate=True)
-    out = grpo_trainer_hybrid.metrics_post_processing(metrics)
-    assert out["mismatch/update/k3_kl"] == pytest.approx(0.2) and out["timing/update"] == 2.0
-    trainer.data_strategy.strategy = "tq"
-    with pytest.raises(Exception, match="data_strategy 'tq'"):
-        trainer.transfer_dock_init()
-
-
-def test_partial_rollout_prompt_put_holds_placeholders(fakes, integration):  # noqa: F811
-    integration()
-    from types import SimpleNamespace
-
-    from mindspeed_rl.trainer import grpo_trainer_hybrid
-
-    worker = SimpleNamespace(rl_config=SimpleNamespace(data_strategy="td"), init_transfer_dock=lambda td: None)
-    trainer = grpo_trainer_hybrid.RayGRPOTrainer(worker, worker, [], global_batch_size=1, n_samples_per_prompt=2,
-                                                 partial_rollout_max_split=2)  # fmt: skip
-    data, indexes = grpo_trainer_hybrid.put_prompts_experience({"prompts": [torch.tensor([5, 6, 7])]}, 2, [])
-    trainer.data_strategy.put_experience(data, indexes, is_prompt=True)
-    td = trainer.transfer_dock.instance
-    assert td.experience_data[ROUTED_EXPERTS][1].tolist() == [-1]
-    assert td.experience_data[ROLLOUT_LOG_PROBS][0].tolist() == [-1.0]
-    assert td.experience_data["response_length"][0].tolist() == [0]
 
 
 def test_trace_of_other_tokens_is_refused_before_replay():

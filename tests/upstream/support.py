@@ -53,6 +53,9 @@ def ray_cluster(upstream_sources):
 
     from mindspeed_rl_r3.patches import cpu_backend
 
+    if ray.is_initialized():  # each test module importing this fixture gets its own session instance: share one
+        yield ray
+        return
     saved = os.environ.pop("RAY_ADDRESS", None)
     ray.init(
         address="local",
