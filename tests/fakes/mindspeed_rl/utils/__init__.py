@@ -1,1 +1,0 @@
-"""Fake ``mindspeed_rl/utils`` (05a90d77): only the submodules the integration touches."""
