@@ -1,8 +1,11 @@
 """Capture benchmark: generate throughput with and without routing capture on a CPU Qwen3-MoE, same run.
 
-The model is random-weight Qwen3-MoE through transformers (8 layers, hidden 256, 64 experts, top-8), sampling a
-batch of prompts. Runs with and without capture alternate, and the best of each is compared. The recorder's hot path
-(``capture`` in every MoE layer) is also run under a dispatch mode that counts host-synchronising operations.
+The model is random-weight Qwen3-MoE (8 layers, hidden 256, 64 experts, top-8), sampling a batch of prompts, through
+transformers (``--engine hf``) or the real vLLM engine (``--engine vllm``: vLLM 0.11 on the CPU, in-process, the
+package's :mod:`~mindspeed_rl_r3.patches.vllm_capture` adapter; runs in the upstream test environment). Runs with
+and without capture alternate, and the best of each is compared. The capture hot path is also run under a dispatch
+mode that counts host-synchronising operations: the recorder's ``capture`` in every MoE layer, and with vLLM the
+whole wrapper (selector + write) on a real layer.
 """
 
 from __future__ import annotations
@@ -27,13 +30,20 @@ class CaptureBenchConfig:
     topk: int = 8
     repeats: int = 3
     seed: int = 0
+    engine: str = "hf"
 
 
 def _model(cfg: CaptureBenchConfig):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import Qwen3MoeForCausalLM
 
     torch.manual_seed(cfg.seed)
-    config = Qwen3MoeConfig(
+    return Qwen3MoeForCausalLM(_config(cfg)).eval()
+
+
+def _config(cfg: CaptureBenchConfig):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
         vocab_size=1024,
         hidden_size=cfg.hidden,
         intermediate_size=2 * cfg.hidden,
@@ -47,11 +57,12 @@ def _model(cfg: CaptureBenchConfig):
         norm_topk_prob=True,
         max_position_embeddings=cfg.prompt_len + cfg.new_tokens + 8,
     )
-    return Qwen3MoeForCausalLM(config).eval()
 
 
 def run_capture_bench(cfg: CaptureBenchConfig | None = None) -> dict:
     cfg = cfg or CaptureBenchConfig()
+    if cfg.engine == "vllm":
+        return run_vllm_capture_bench(cfg)
     model = _model(cfg)
     spec = spec_of(model)
     prompts = torch.randint(1, 1024, (cfg.batch, cfg.prompt_len), generator=torch.Generator().manual_seed(cfg.seed))
@@ -91,6 +102,72 @@ def run_capture_bench(cfg: CaptureBenchConfig | None = None) -> dict:
         syncs = count_host_syncs(lambda: [capture.recorder.capture(layer, ids) for layer in range(spec.num_moe_layers)])
     return {
         "config": asdict(cfg),
+        "threads": torch.get_num_threads(),
+        "tokens_per_s_plain": round(plain_tps, 1),
+        "tokens_per_s_capture": round(captured_tps, 1),
+        "capture_overhead": round(1.0 - captured_tps / plain_tps, 4),
+        "host_syncs_per_step": sum(syncs.values()),
+        "host_sync_ops": dict(syncs),
+    }
+
+
+def run_vllm_capture_bench(cfg: CaptureBenchConfig) -> dict:
+    """The same measurement on the real vLLM engine: one ``LLM``, generate calls alternating without capture (the
+    wrappers removed) and with it (wrappers on, recorder started), the traces taken as a rollout takes them."""
+    import tempfile
+
+    from mindspeed_rl_r3.patches import vllm_capture
+    from mindspeed_rl_r3.patches.mindspeed_rl_rollout import collect_generation
+    from mindspeed_rl_r3.patches.vllm_ascend_capture import forward_impl_capture_wrapper
+
+    with tempfile.TemporaryDirectory() as path:
+        _model(cfg).save_pretrained(path, safe_serialization=True)
+        llm = vllm_capture.cpu_llm(
+            path, max_model_len=cfg.prompt_len + cfg.new_tokens + 8, max_num_seqs=cfg.batch, skip_tokenizer_init=True
+        )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    prompts = torch.randint(1, 1024, (cfg.batch, cfg.prompt_len), generator=gen).tolist()
+
+    def generate(capture: bool) -> float:
+        recorder = vllm_capture.start(llm) if capture else None
+        start = time.perf_counter()
+        outputs = vllm_capture.generate_tokens(llm, prompts, n=1, max_tokens=cfg.new_tokens)
+        if recorder is not None:
+            traces = collect_generation(outputs, prompts, 1, recorder).samples
+            assert all(not s.trace.missing().any() for s in traces)
+        elapsed = time.perf_counter() - start
+        vllm_capture.stop()
+        return elapsed
+
+    plain, captured = [], []
+    try:
+        for i in range(cfg.repeats + 1):
+            vllm_capture.undo()
+            plain_s = generate(capture=False)
+            vllm_capture.apply()
+            captured_s = generate(capture=True)
+            if i:  # first round warms up
+                plain.append(plain_s)
+                captured.append(captured_s)
+        # Host syncs in the hot path: the whole wrapper (vLLM's CPU selector + the recorder's write) on a real layer
+        recorder = vllm_capture.start(llm)
+        layer = vllm_capture.moe_layers(llm)[0]
+        hot_path = forward_impl_capture_wrapper(
+            lambda *args: None, vllm_capture._cpu_selector, vllm_capture.layout().routing_owner
+        )
+        hidden = torch.randn(cfg.batch * cfg.prompt_len, cfg.hidden)
+        logits = torch.randn(cfg.batch * cfg.prompt_len, cfg.experts)
+        hot_path(layer, hidden, logits)  # binds the layer once (host side, outside the hot path)
+        syncs = count_host_syncs(lambda: [hot_path(layer, hidden, logits) for _ in range(cfg.layers)])
+        assert recorder.buffer[0, : hidden.shape[0]].max() < cfg.experts
+    finally:
+        vllm_capture.stop()
+        vllm_capture.undo()
+    tokens = cfg.batch * cfg.new_tokens
+    plain_tps, captured_tps = tokens / min(plain), tokens / min(captured)
+    return {
+        "config": asdict(cfg),
+        "engine": vllm_capture.engine_name(),
         "threads": torch.get_num_threads(),
         "tokens_per_s_plain": round(plain_tps, 1),
         "tokens_per_s_capture": round(captured_tps, 1),

@@ -40,7 +40,7 @@ def _run_replay(args: argparse.Namespace) -> dict:
 def _run_capture(args: argparse.Namespace) -> dict:
     from mindspeed_rl_r3.bench.capture import CaptureBenchConfig, run_capture_bench
 
-    return run_capture_bench(CaptureBenchConfig(repeats=args.repeats, seed=args.seed))
+    return run_capture_bench(CaptureBenchConfig(repeats=args.repeats, seed=args.seed, engine=args.engine))
 
 
 def _run_aqn(args: argparse.Namespace) -> dict:
@@ -185,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         suite.add_argument("--json", action="store_true", help="print one JSON object")
         suite.add_argument("--repeats", type=int, default=repeats, help="timed repetitions (best is reported)")
         suite.add_argument("--seed", type=int, default=0)
+        if name == "capture":
+            suite.add_argument(
+                "--engine",
+                choices=("hf", "vllm"),
+                default="hf",
+                help="transformers generate, or the real vLLM engine (vLLM 0.11 on the CPU: the upstream environment)",
+            )
         suite.set_defaults(run=_bench)
 
     demo = commands.add_parser("demo", help="the CPU reference pipeline: GRPO + R3 + AQN + LoRA on a tiny Qwen3-MoE")

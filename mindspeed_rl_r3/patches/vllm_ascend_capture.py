@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from mindspeed_rl_r3.patches.patch_set import PatchSet
 from mindspeed_rl_r3.patches.targets import PatchTarget
 from mindspeed_rl_r3.routing.capture import RoutingRecorder
 from mindspeed_rl_r3.routing.trace import MoEModelSpec, RoutingError, RoutingTrace
@@ -75,7 +76,7 @@ LAYOUTS = {
     ),
 }
 TARGETS = LAYOUTS["0.11.0"].targets
-_MARK = "_mindspeed_rl_r3_capture"
+PATCHES = PatchSet("__r3_vllm_ascend_capture__")
 
 
 class CaptureSession:
@@ -122,8 +123,13 @@ def _routing_kwargs(layer: Any) -> dict[str, Any]:
     )
 
 
-def forward_impl_capture_wrapper(fn: Callable, selector: Callable[[], Callable]) -> Callable:
-    """Wrap ``forward_impl(self, hidden_states, router_logits)``: record top-k ids before ``prepare()``."""
+def forward_impl_capture_wrapper(
+    fn: Callable, selector: Callable[[], Callable], routing_owner: Callable[[Any], Any] = lambda layer: layer
+) -> Callable:
+    """Wrap ``forward_impl(self, hidden_states, router_logits)``: record top-k ids before ``prepare()``.
+
+    ``routing_owner(self)`` is the object holding the routing attributes (``top_k``, ``renormalize``, ...): the layer
+    itself, or in vLLM >= 0.2x the ``MoERunner``'s ``routed_experts``."""
 
     @functools.wraps(fn)
     def forward_impl(self, hidden_states, router_logits, *args, **kwargs):
@@ -133,22 +139,29 @@ def forward_impl_capture_wrapper(fn: Callable, selector: Callable[[], Callable])
             if layer is None:
                 _refuse_sequence_parallel()
                 layer = self._r3_trace_layer = recorder.trace_layer(_layer_index(self))
-            routing = _routing_kwargs(self)
+            routing = _routing_kwargs(routing_owner(self))
             if kwargs.get("top_k"):  # v0.9.1 forward() may override the layer's top_k per call
                 routing["top_k"] = kwargs["top_k"]
             _, topk_ids = selector()(hidden_states=hidden_states, router_logits=router_logits, **routing)
             recorder.capture(layer, topk_ids)
         return fn(self, hidden_states, router_logits, *args, **kwargs)
 
-    setattr(forward_impl, _MARK, True)
     return forward_impl
+
+
+def _slot_mapping_np(block_table: Any) -> Any:
+    """The host (numpy) slot mapping of the step: vllm-ascend's ``BlockTable`` keeps it as ``slot_mapping_np``, vLLM
+    0.11's as ``slot_mapping.np`` (a ``CpuGpuBuffer``)."""
+    if hasattr(block_table, "slot_mapping_np"):
+        return block_table.slot_mapping_np
+    return block_table.slot_mapping.np
 
 
 def _runner_step(runner: Any, scheduler_output: Any) -> tuple[int, torch.Tensor, dict[str, tuple[list[int], int]]]:
     """Real token count, CPU slot mapping and per-request (block ids, computed tokens) of the step just run."""
     total = int(scheduler_output.total_num_scheduled_tokens)
     block_table = runner.input_batch.block_table[0]
-    slots = torch.from_numpy(block_table.slot_mapping_np[:total].copy())
+    slots = torch.from_numpy(_slot_mapping_np(block_table)[:total].copy())
     requests = {}
     for row, req_id in enumerate(runner.input_batch.req_ids):
         scheduled = scheduler_output.num_scheduled_tokens.get(req_id, 0)
@@ -173,7 +186,6 @@ def execute_model_capture_wrapper(fn: Callable) -> Callable:
             recorder.end_step(*_runner_step(self, scheduler_output))
         return output
 
-    setattr(execute_model, _MARK, True)
     return execute_model
 
 
@@ -202,18 +214,6 @@ def _refuse_unsupported() -> None:
         pass  # no ascend config yet (before LLM init) or an older vllm-ascend without torchair
 
 
-_originals: dict[str, tuple[Any, str, Any]] = {}
-
-
-def _wrap(owner: Any, name: str, wrapper: Callable[[Callable], Callable], key: str) -> bool:
-    current = getattr(owner, name)
-    if getattr(current, _MARK, False):
-        return False
-    _originals[key] = (owner, name, current)
-    setattr(owner, name, wrapper(current))
-    return True
-
-
 def _resolve(path: str) -> tuple[Any, str]:
     module, _, attr = path.rpartition(".")
     return importlib.import_module(module), attr
@@ -231,23 +231,17 @@ def apply(version: str = "0.11.0") -> list[str]:
     moe_module, moe_class = _resolve(layout.moe_class)
     selector_module, selector_name = _resolve(layout.selector)
     runner = importlib.import_module(RUNNER_MODULE)
-    changed = []
     selector = lambda: getattr(selector_module, selector_name)  # noqa: E731  (per call: later rebinding wins)
     owner = getattr(moe_module, moe_class)
-    if _wrap(owner, layout.entry, lambda f: forward_impl_capture_wrapper(f, selector), "moe"):
-        changed.append(f"{layout.moe_class}.{layout.entry}")
-    if _wrap(runner.NPUModelRunner, "execute_model", execute_model_capture_wrapper, "runner"):
-        changed.append(f"{RUNNER_MODULE}.NPUModelRunner.execute_model")
-    return changed
+    done = [
+        PATCHES.wrap(owner, layout.entry, lambda f: forward_impl_capture_wrapper(f, selector)),
+        PATCHES.wrap(runner.NPUModelRunner, "execute_model", execute_model_capture_wrapper),
+    ]
+    return [path for path in done if path]
 
 
 def undo() -> list[str]:
-    restored = []
-    for key in list(_originals):
-        owner, name, original = _originals.pop(key)
-        setattr(owner, name, original)
-        restored.append(f"{owner.__module__}.{owner.__qualname__}.{name}")
-    return restored
+    return PATCHES.undo()
 
 
 def check(version: str = "0.11.0") -> list[dict[str, Any]]:
