@@ -93,13 +93,18 @@ def run_capture_bench(cfg: CaptureBenchConfig | None = None) -> dict:
         if i:  # first round warms up
             plain.append(plain_s)
             captured.append(captured_s)
-    tokens = cfg.batch * cfg.new_tokens
-    plain_tps, captured_tps = tokens / min(plain), tokens / min(captured)
 
     # Host syncs in the hot path: one step's capture calls in every MoE layer.
     with attach_capture(model, spec, max_batch=cfg.batch, max_len=max_len) as capture:
         ids = torch.randint(0, cfg.experts, (cfg.batch * cfg.prompt_len, cfg.topk), dtype=torch.int32)
         syncs = count_host_syncs(lambda: [capture.recorder.capture(layer, ids) for layer in range(spec.num_moe_layers)])
+    return _overhead_report(cfg, plain, captured, syncs)
+
+
+def _overhead_report(cfg: CaptureBenchConfig, plain: list[float], captured: list[float], syncs: dict) -> dict:
+    """Best-of-N tokens/s with and without capture (same run), their overhead ratio and the hot path's host syncs."""
+    tokens = cfg.batch * cfg.new_tokens
+    plain_tps, captured_tps = tokens / min(plain), tokens / min(captured)
     return {
         "config": asdict(cfg),
         "threads": torch.get_num_threads(),
@@ -163,15 +168,4 @@ def run_vllm_capture_bench(cfg: CaptureBenchConfig) -> dict:
     finally:
         vllm_capture.stop()
         vllm_capture.undo()
-    tokens = cfg.batch * cfg.new_tokens
-    plain_tps, captured_tps = tokens / min(plain), tokens / min(captured)
-    return {
-        "config": asdict(cfg),
-        "engine": vllm_capture.engine_name(),
-        "threads": torch.get_num_threads(),
-        "tokens_per_s_plain": round(plain_tps, 1),
-        "tokens_per_s_capture": round(captured_tps, 1),
-        "capture_overhead": round(1.0 - captured_tps / plain_tps, 4),
-        "host_syncs_per_step": sum(syncs.values()),
-        "host_sync_ops": dict(syncs),
-    }
+    return {"engine": vllm_capture.engine_name(), **_overhead_report(cfg, plain, captured, syncs)}

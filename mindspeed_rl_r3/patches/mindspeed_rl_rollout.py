@@ -92,26 +92,17 @@ def start_capture(engine: Any, runtime: IntegrationRuntime) -> RoutingRecorder:
     spec = MoEModelSpec.from_hf_config(engine.hf_config)
     num_slots, block_size = _kv_slots(engine)
     max_tokens = int(engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
-    device = next(engine.model.parameters()).device
-    session = vllm_ascend_capture.CaptureSession
-    recorder = session.recorder
-    reusable = (
-        recorder is not None
-        and session.spec == spec
-        and recorder.host.shape[0] == num_slots
-        and recorder.block_size == block_size
-        and recorder.buffer.device == device
+    shape = dict(
+        max_tokens=max_tokens + CAPTURE_SLACK_TOKENS,
+        num_slots=num_slots,
+        block_size=block_size,
+        device=next(engine.model.parameters()).device,
     )
-    if reusable:
-        recorder.reset()
+    session = vllm_ascend_capture.CaptureSession
+    if session.fits(spec, **shape):
+        session.recorder.reset()  # init_cache_engine re-allocated the KV cache and reset vLLM's prefix cache
     else:
-        session.start(
-            spec,
-            max_tokens=max_tokens + CAPTURE_SLACK_TOKENS,
-            num_slots=num_slots,
-            block_size=block_size,
-            device=device,
-        )
+        session.start(spec, **shape)
     session.enabled = True
     return session.recorder
 

@@ -95,6 +95,19 @@ class CaptureSession:
         cls.enabled = False
 
     @classmethod
+    def fits(cls, spec: MoEModelSpec, *, max_tokens: int, num_slots: int, block_size: int, device: Any) -> bool:
+        """Whether the current recorder can serve an engine of this shape (its slot store may then be kept)."""
+        recorder = cls.recorder
+        return (
+            recorder is not None
+            and cls.spec == spec
+            and recorder.host.shape[0] == num_slots
+            and recorder.block_size == block_size
+            and recorder.buffer.shape[1] >= max_tokens
+            and recorder.buffer.device == torch.device(device)
+        )
+
+    @classmethod
     def stop(cls) -> None:
         cls.recorder, cls.spec, cls.enabled = None, None, False
 

@@ -157,18 +157,9 @@ def start(llm: Any, *, slack_tokens: int = 0) -> RoutingRecorder:
     spec = MoEModelSpec.from_hf_config(llm.llm_engine.model_config.hf_config)
     num_slots = int(runner.kv_cache_config.num_blocks) * block_size
     max_tokens = int(llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens) + slack_tokens
-    recorder = CaptureSession.recorder
-    fits = (
-        recorder is not None
-        and CaptureSession.spec == spec
-        and recorder.host.shape[0] == num_slots
-        and recorder.block_size == block_size
-        and recorder.buffer.shape[1] >= max_tokens
-    )
-    if not fits:
-        CaptureSession.start(
-            spec, max_tokens=max_tokens, num_slots=num_slots, block_size=block_size, device=runner.device
-        )
+    shape = dict(max_tokens=max_tokens, num_slots=num_slots, block_size=block_size, device=runner.device)
+    if not CaptureSession.fits(spec, **shape):
+        CaptureSession.start(spec, **shape)
     CaptureSession.enabled = True
     return CaptureSession.recorder
 
