@@ -32,6 +32,13 @@ def refusals(rl: Any, megatron: Any, generate: Any, config: IntegrationConfig) -
     if config.r3.capture:
         if getattr(generate, "torchair_graph", False):
             problems.append("generate_config.torchair_graph (capture runs in vllm-ascend's eager / ACL graph MoE)")
+        if not getattr(generate, "enforce_eager", True):
+            # A captured ACL graph freezes the capture's Python decisions; until graph replay is proven to record
+            # every step's routing, graph-mode rollouts with R3 are refused rather than replaying stale rows.
+            problems.append(
+                "generate_config.enforce_eager: false (routing capture is proven in eager mode only): set "
+                "generate_config.enforce_eager: true"
+            )
         if getattr(megatron, "num_layers_per_virtual_pipeline_stage", None):
             problems.append("actor_config.num_layers_per_virtual_pipeline_stage (replay serves one chunk per rank)")
         if config.r3.group_dedupe:

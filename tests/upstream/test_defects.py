@@ -34,6 +34,15 @@ def _actor_worker(rl: dict[str, Any]) -> Any:
     return worker
 
 
+def test_graph_mode_rollouts_with_capture_are_refused():
+    """Captured ACL graphs freeze the capture's Python decisions: refused until graph replay is proven."""
+    rl = {"guarantee_order": True}
+    (problem,) = refusals(*_configs(rl, {"enforce_eager": False}), load_sections(R3))
+    assert "generate_config.enforce_eager: false" in problem
+    assert refusals(*_configs(rl, {"enforce_eager": False}), load_sections(AQN_ONLY)) == []
+    assert _configs(rl)[2].enforce_eager is True  # MindSpeed-RL's default: eager
+
+
 @pytest.mark.parametrize("setting", ["async_engine", "multi_turn_enable"])
 def test_unwrapped_rollout_paths_are_refused_even_without_r3(setting, integration):
     """With AQN only, the rollout still owes the dock ``rollout_log_probs``; a path that never puts it would leave
