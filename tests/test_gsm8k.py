@@ -36,6 +36,7 @@ def _real(split: str) -> Path:
     return path
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize(("split", "rows"), [("test", 1319), ("train", 7473)])
 def test_convert_real_gsm8k(tmp_path, split, rows):
     src = _real(split)
@@ -56,6 +57,7 @@ def test_convert_real_gsm8k(tmp_path, split, rows):
         assert gsm8k_reward(f"The answer is {Fraction(record['answer']) + 1}.", record["answer"]) == 0.0
 
 
+@pytest.mark.shared_data
 def test_real_gsm8k_has_thousands_commas():
     answers = [row["answer"].rsplit("####", 1)[1].strip() for row in read_gsm8k(_real("train"))]
     with_commas = [a for a in answers if "," in a]
