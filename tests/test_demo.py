@@ -10,7 +10,12 @@ pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.megatron
 
 
-def test_demo_compare_short(tmp_path):
+def _not_json(name: str) -> None:
+    raise ValueError(f"demo.json holds {name}, which is not JSON")
+
+
+def test_demo_compare_short(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a cluster the demo must not try to join
     from mindspeed_rl_r3.demo.pipeline import run_demo
     from mindspeed_rl_r3.demo.workers import DemoSettings
 
@@ -25,6 +30,6 @@ def test_demo_compare_short(tmp_path):
         assert len(run["steps"]) == 2 and set(run["layer_agreement"]) == {"1", "2", "3", "4"}
         assert all(0.0 <= s["reward"] <= 1.0 and s["response_tokens"] > 0 for s in run["steps"])
         assert run["steps"][1]["aqn/stage"] >= run["steps"][0]["aqn/stage"]
-    saved = json.loads((tmp_path / "demo.json").read_text())
+    saved = json.loads((tmp_path / "demo.json").read_text(), parse_constant=_not_json)  # strict: no NaN / Infinity
     assert saved["r3_on"]["routing_mismatch"] == 0.0
     assert (tmp_path / "mismatch_curves.png").stat().st_size > 0 and (tmp_path / "layer_agreement.png").exists()

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 
-from mindspeed_rl_r3 import __version__
+from mindspeed_rl_r3 import __version__, strict_json
 
 # Targets from the issues: (metric, comparison, bound), checked against what a benchmark measured in one run.
 TARGETS = {
@@ -73,7 +72,7 @@ def _bench(args: argparse.Namespace) -> int:
         for name, op, bound in TARGETS[args.suite]
     }
     if args.json:
-        print(json.dumps(result))
+        print(strict_json.dumps(result))
         return 0
     for name, value in result.items():
         if name in ("config", "targets", "model"):
@@ -112,7 +111,7 @@ def _demo(args: argparse.Namespace) -> int:
     result = run_demo(settings, compare=args.compare, data=args.data, out_dir=args.out, progress=progress)
     bar.close()
     if args.json:
-        print(json.dumps(result))
+        print(strict_json.dumps(result))
         return 0
     for name in ("r3_off", "r3_on"):
         if name in result:
@@ -148,7 +147,7 @@ def _plan(args: argparse.Namespace) -> int:
     except (FileNotFoundError, PlanError, ValueError, RuntimeError) as err:
         print(f"plan: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(result) if args.json else format_plan(result))
+    print(strict_json.dumps(result) if args.json else format_plan(result))
     return 0 if result["ok"] else 1
 
 
@@ -169,7 +168,7 @@ def _gsm8k(args: argparse.Namespace) -> int:
     except (FileNotFoundError, GSM8KFormatError) as err:
         print(f"gsm8k: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(stats))
+    print(strict_json.dumps(stats))
     return 0
 
 

@@ -44,7 +44,11 @@ def _start_ray(num_cpus: int) -> Any:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # Always a fresh local instance: never a cluster already running on the machine or named by RAY_ADDRESS.
+        os.environ.pop("RAY_ADDRESS", None)
+        ray.init(
+            address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
     return ray
 
 

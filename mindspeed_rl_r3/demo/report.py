@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from mindspeed_rl_r3 import strict_json
 
 CURVES = (
     ("k3_kl", "k3 KL (train vs rollout)"),
@@ -17,7 +18,7 @@ CURVES = (
 def save_json(result: dict[str, Any], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "demo.json"
-    path.write_text(json.dumps(result, indent=2))
+    path.write_text(strict_json.dumps(result, indent=2))
     return path
 
 
