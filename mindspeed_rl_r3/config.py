@@ -77,7 +77,7 @@ def _r3(section: Mapping[str, Any]) -> R3Config:
     try:
         replay = ReplayConfig(**{k: v for k, v in section.items() if k in replay_keys})
     except (RoutingError, ValueError) as err:
-        raise ConfigError(f"r3: {err}") from None
+        raise ConfigError(str(err) if str(err).startswith("r3.") else f"r3: {err}") from None
     version = str(section.get("vllm_ascend", "0.11.0"))
     if version not in CAPTURE_VERSIONS:
         raise ConfigError(f"r3.vllm_ascend must be one of {CAPTURE_VERSIONS}, got {version!r}")

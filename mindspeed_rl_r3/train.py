@@ -35,20 +35,19 @@ UPSTREAM_ENTRY = "cli.train_grpo"
 def compose_config(
     config_name: str, config_path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
 ) -> dict[str, Any]:
-    """The composed hydra config as plain data. ``config_path`` defaults to this repository's ``configs/``."""
-    try:
-        from hydra import compose, initialize_config_dir
-        from omegaconf import OmegaConf
-    except ImportError as err:
-        raise ConfigError(f"composing {config_name} needs hydra-core (pip install hydra-core): {err}") from None
+    """The composed hydra config as plain data. ``config_path`` defaults to this repository's ``configs/``.
+
+    Raises FileNotFoundError for a missing config, ConfigError (one line naming the file or override) for malformed
+    YAML, a bad override, a non-mapping ``r3`` / ``aqn`` / ``lora_extras`` section or a missing hydra-core.
+    """
+    from mindspeed_rl_r3.plan import compose_hydra
+
     directory = Path(config_path).resolve() if config_path is not None else REPO_CONFIGS
     name = config_name[: -len(".yaml")] if config_name.endswith(".yaml") else config_name
     if not (directory / f"{name}.yaml").is_file():
         available = sorted(p.stem for p in directory.glob("*.yaml")) if directory.is_dir() else []
         raise FileNotFoundError(f"config {name!r} not found in {directory} (available: {available})")
-    with initialize_config_dir(version_base=None, config_dir=str(directory), job_name="mindspeed_rl_r3_train"):
-        composed = compose(config_name=name, overrides=list(overrides))
-    return OmegaConf.to_container(composed, resolve=True)
+    return compose_hydra(directory, name, overrides, job_name="mindspeed_rl_r3_train", error=ConfigError)
 
 
 def split_sections(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -212,8 +212,10 @@ def test_targets_matching_nothing_or_not_a_norm_scale_are_errors():
     model = tiny_qwen3_moe()
     with pytest.raises(AQNError, match=r"match no parameter of Qwen3MoeForCausalLM.*model\.embed_tokens\.weight"):
         RolloutNoise(model, AQNConfig(targets=["post_mlp_norm"]), 10)
+    not_a_norm = AQNConfig()  # the config refuses a target naming no norm; the model-side check still holds
+    object.__setattr__(not_a_norm, "targets", ("q_proj",))
     with pytest.raises(AQNError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight of shape \[64, 64\]"):
-        select_targets(model, AQNConfig(targets=["q_proj"]))
+        select_targets(model, not_a_norm)
     with pytest.raises(AQNError, match=r"input_layernorm\.weight reaches the router through attention"):
         select_targets(model, AQNConfig(targets=["input_layernorm"], router="compensated"))
     with pytest.raises(AQNError, match="match no router weight"):

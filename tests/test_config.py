@@ -28,7 +28,7 @@ def test_absent_sections_mean_plain_mindspeed_rl():
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"r3": {"mode": "R4"}}, "r3: .*R4"),
+        ({"r3": {"mode": "R4"}}, r"r3\.mode .*R4"),
         ({"r3": {"replay": True}}, r"r3: unknown keys \['replay'\]"),
         ({"r3": {"vllm_ascend": "0.8"}}, "r3.vllm_ascend must be one of"),
         ({"r3": {"group_dedupe": "yes"}}, "r3.group_dedupe must be true or false"),

@@ -88,9 +88,20 @@ class AQNConfig:
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise AQNError(f"aqn.{name} must be a positive finite number, got {value!r}")
             object.__setattr__(self, name, float(value))
+        if self.sigma_start < self.sigma_end:
+            raise AQNError(
+                f"aqn.sigma_start ({self.sigma_start:g}) must be >= aqn.sigma_end ({self.sigma_end:g}): the noise "
+                "decays from sigma_start to sigma_end over training"
+            )
         if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise AQNError(f"aqn.num_stages must be an integer >= 1, got {self.num_stages!r}")
         object.__setattr__(self, "targets", _names("targets", self.targets))
+        for pattern in self.targets:
+            if "norm" not in pattern.lower():
+                raise AQNError(
+                    f"aqn.targets entry {pattern!r} names no norm: AQN perturbs RMSNorm scales, e.g. "
+                    f"{' or '.join(DEFAULT_TARGETS)}"
+                )
         object.__setattr__(self, "router_names", _names("router_names", self.router_names))
         object.__setattr__(self, "apply_to", _apply_to(self.apply_to))
         if self.router not in ROUTER_MODES:

@@ -63,7 +63,15 @@ SUITES: dict[str, tuple[str, Callable[[argparse.Namespace], dict], int]] = {
 }
 
 
+def _fail(command: str, message: str) -> int:
+    """A user mistake: one line on stderr, exit status 2."""
+    print(f"{command}: {message}", file=sys.stderr)
+    return 2
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        return _fail(f"bench {args.suite}", f"--repeats must be >= 1, got {args.repeats}")
     if not args.json:
         print(f"[bench {args.suite}] running...", file=sys.stderr)
     result = SUITES[args.suite][1](args)
@@ -83,7 +91,41 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_mistake(args: argparse.Namespace) -> str | None:
+    """What is wrong with the demo's arguments, found before Ray starts or a model is built; None if nothing."""
+    from pathlib import Path
+
+    for option, value, low in (
+        ("--steps", args.steps, 1),
+        ("--prompts", args.prompts, 1),
+        ("--max-new-tokens", args.max_new_tokens, 1),
+        ("--group-size", args.group_size, 2),
+    ):
+        if value < low:
+            why = " (GRPO compares the samples of a prompt: with one, every advantage is 0)" if low == 2 else ""
+            return f"{option} must be >= {low}, got {value}{why}"
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is an existing file; the demo writes a folder (demo.json and plots): choose another path"
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        return f"--out {out}: {blocking} is a file, not a folder"
+    if args.data:
+        from mindspeed_rl_r3.data.gsm8k import GSM8KFormatError, read_gsm8k
+
+        try:
+            rows = len(read_gsm8k(args.data))
+        except (OSError, GSM8KFormatError) as err:
+            return f"--data: {err}"
+        if rows < args.prompts:
+            return f"--data {args.data} has {rows} rows, fewer than --prompts {args.prompts} per step"
+    return None
+
+
 def _demo(args: argparse.Namespace) -> int:
+    mistake = _demo_mistake(args)
+    if mistake is not None:
+        return _fail("demo", mistake)
     from dataclasses import replace
 
     from tqdm import tqdm
@@ -144,9 +186,8 @@ def _plan(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = plan_config(cfg, num_npus=args.npus, nnodes=args.nnodes, npu_memory_gib=args.npu_memory_gib)
-    except (FileNotFoundError, PlanError, ValueError, RuntimeError) as err:
-        print(f"plan: {err}", file=sys.stderr)
-        return 2
+    except (OSError, PlanError, ValueError, RuntimeError) as err:
+        return _fail("plan", str(err))
     print(strict_json.dumps(result) if args.json else format_plan(result))
     return 0 if result["ok"] else 1
 
@@ -164,10 +205,11 @@ def _gsm8k(args: argparse.Namespace) -> int:
                 on_error="skip" if args.skip_invalid else "raise",
             )
         else:
+            if args.n < 1:
+                return _fail("gsm8k synth", f"--n must be >= 1, got {args.n}")
             stats = write_synthetic_gsm8k(args.dst, args.n, args.seed)
-    except (FileNotFoundError, GSM8KFormatError) as err:
-        print(f"gsm8k: {err}", file=sys.stderr)
-        return 2
+    except (OSError, GSM8KFormatError, ValueError) as err:
+        return _fail(f"gsm8k {args.action}", str(err))
     print(strict_json.dumps(stats))
     return 0
 

@@ -352,6 +352,8 @@ def to_mindspeed_rl_record(question: str, answer: str, *, instruction: str | Non
 
 def _record_fields(record: Any, where: str) -> tuple[str, str]:
     """(question, answer text) from a GSM8K row, an already converted row, or a verl-style parquet row."""
+    if isinstance(record, GSM8KFormatError):  # a line that did not decode (see _raw_rows)
+        raise record
     if not isinstance(record, dict):
         raise GSM8KFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
     extra = record.get("extra_info") if isinstance(record.get("extra_info"), dict) else {}
@@ -392,8 +394,17 @@ def _parquet_rows(path: Path) -> list[dict]:
         ) from None
 
 
+def _json_error(where: str, err: json.JSONDecodeError) -> GSM8KFormatError:
+    # Some of json's messages end in "at" ("Unterminated string starting at"): do not say "at at".
+    return GSM8KFormatError(f"{where}: invalid JSON: {err.msg.removesuffix(' at')} at column {err.colno}")
+
+
 def _raw_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(location, decoded row) pairs; location is ``file:line`` for jsonl and ``file:row`` otherwise."""
+    """(location, decoded row) pairs; location is ``file:line`` for jsonl and ``file:row`` otherwise.
+
+    A jsonl line that is not UTF-8 or not JSON comes as ``(location, GSM8KFormatError)`` rather than ending the
+    iteration, so a caller can skip it (:func:`_record_fields` raises it).
+    """
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         for i, row in enumerate(_parquet_rows(path)):
@@ -401,24 +412,34 @@ def _raw_rows(path: Path) -> Iterator[tuple[str, Any]]:
         return
     if suffix not in (".jsonl", ".json"):
         raise GSM8KFormatError(f"{path}: unsupported file type {suffix!r} (expected .jsonl, .json or .parquet)")
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:
         first = handle.read(1)
         handle.seek(0)
-        if suffix == ".json" and first == "[":  # a JSON array rather than one object per line
+        if suffix == ".json" and first == b"[":  # a JSON array rather than one object per line
             try:
-                rows = json.load(handle)
+                rows = json.loads(handle.read().decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise GSM8KFormatError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
             except json.JSONDecodeError as err:
-                raise GSM8KFormatError(f"{path}: invalid JSON: {err}") from None
+                raise _json_error(f"{path}:{err.lineno}", err) from None
             for i, row in enumerate(rows):
                 yield f"{path}:item {i}", row
             return
-        for lineno, line in enumerate(handle, 1):
+        for lineno, raw in enumerate(handle, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                yield where, GSM8KFormatError(f"{where}: not UTF-8 text (byte {err.start}: {err.reason})")
+                continue
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{lineno}", json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise GSM8KFormatError(f"{path}:{lineno}: invalid JSON: {err.msg} at column {err.colno}") from None
+                yield where, _json_error(where, err)
+                continue
+            yield where, row
 
 
 def read_gsm8k(path: str | os.PathLike) -> list[dict[str, str]]:
@@ -429,11 +450,26 @@ def read_gsm8k(path: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GSM8K file not found: {path}")
+    if path.stat().st_size == 0:
+        raise GSM8KFormatError(f"{path} is empty; expected GSM8K rows")
     rows = []
     for where, row in _raw_rows(path):
         question, answer = _record_fields(row, where)
         rows.append({"question": question, "answer": answer})
+    if not rows:
+        raise GSM8KFormatError(f"{path} holds no rows; expected GSM8K rows")
     return rows
+
+
+def _check_destination(dst: Path) -> None:
+    """Refuse a destination that cannot become a file, before any work is done."""
+    if dst.is_dir():
+        raise GSM8KFormatError(f"destination {dst} is a directory; pass a file path, e.g. {dst / 'gsm8k.jsonl'}")
+    for parent in dst.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise GSM8KFormatError(f"destination {dst}: {parent} is a file, not a directory")
+            break
 
 
 def convert_gsm8k(
@@ -450,11 +486,16 @@ def convert_gsm8k(
     the first bad row with its ``file:line``; ``"skip"`` drops it and reports it in the stats. The output is written
     to a temporary file and renamed, so a failed conversion leaves no partial file.
 
+    Undecodable lines (not UTF-8, not JSON) are bad rows like any other. An input with no rows, or none that
+    converts, is an error, as is a destination that is a directory: both are checked before anything is written.
+
     Returns ``{"src", "dst", "format", "read", "written", "skipped", "errors", "columns"}``; ``errors`` holds at
     most the first 10 skipped rows' reasons.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise GSM8KFormatError(f"limit must be an integer >= 1, got {limit!r}")
     src, dst = Path(src), Path(dst)
     if src.is_dir():
         found = sorted(p.name for p in src.iterdir() if p.suffix.lower() in (".jsonl", ".json", ".parquet"))
@@ -463,6 +504,9 @@ def convert_gsm8k(
         raise FileNotFoundError(f"GSM8K file not found: {src}")
     if dst.exists() and dst.resolve() == src.resolve():
         raise GSM8KFormatError(f"destination {dst} is the source file; choose another path")
+    _check_destination(dst)
+    if src.stat().st_size == 0:
+        raise GSM8KFormatError(f"{src} is empty; expected GSM8K rows")
     stats: dict[str, Any] = {
         "src": str(src),
         "dst": str(dst),
@@ -495,6 +539,9 @@ def convert_gsm8k(
                 # ASCII escapes: U+2028 and friends in GSM8K text would split lines for splitlines()-based readers
                 out.write(json.dumps(record, ensure_ascii=True) + "\n")
                 stats["written"] += 1
+        if not stats["written"]:
+            first = f"; first: {stats['errors'][0]}" if stats["errors"] else ""
+            raise GSM8KFormatError(f"{src}: none of its {stats['read']} rows converted{first}")
         tmp.replace(dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -639,7 +686,13 @@ def write_synthetic_gsm8k(dst: str | os.PathLike, n: int, seed: int = 0) -> dict
     Returns ``{"dst", "written", "seed"}``.
     """
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _check_destination(dst)
     rows = synthetic_gsm8k(n, seed)
-    dst.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
     return {"dst": str(dst), "written": len(rows), "seed": seed}

@@ -91,6 +91,9 @@ class ReplayConfig:
             raise RoutingError(f"r3.on_misaligned must be 'raise' or 'warn', got {self.on_misaligned!r}")
         if self.alarm_overlap is not None and not 0.0 <= self.alarm_overlap <= 1.0:
             raise RoutingError(f"r3.alarm_overlap must be in [0, 1], got {self.alarm_overlap}")
+        rows = self.alarm_min_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise RoutingError(f"r3.alarm_min_rows must be an integer >= 0, got {rows!r}")
 
 
 def _in_autograd_backward() -> bool:
