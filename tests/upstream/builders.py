@@ -96,12 +96,6 @@ def megatron_qwen3(seed: int = 0):
     return model, megatron_to_hf(merged_state_dict(model), SHAPE)
 
 
-def _select_experts(*, global_num_experts: int, **kwargs):
-    """vLLM's CPU top-k (the ids its CPU MoE kernels route by); it takes no global expert count."""
-    from vllm.model_executor.layers.fused_moe.cpu_fused_moe import select_experts
-
-    return select_experts(**kwargs)
-
 
 class NoResharding:
     """The sharding manager's mode switches: the engine already holds the weights (loaded from disk), the training
@@ -127,6 +121,15 @@ class NoResharding:
 
 
 @contextlib.contextmanager
+def _vllm_capture_installed(vllm_capture: Any) -> Iterator[None]:
+    vllm_capture.apply()
+    try:
+        yield
+    finally:
+        vllm_capture.undo()
+
+
+@contextlib.contextmanager
 def vllm_engine(path: str, n: int, max_tokens: int, **sampling: Any) -> Iterator[Any]:
     """A real ``VLLMInferEngine`` around a real vLLM ``LLM`` loaded from ``path``, built without its ``__init__``,
     which loads Megatron weight loaders, vllm-ascend's NPU patches and MindSpeed-RL's EngineCore patch. Attributes the
@@ -134,30 +137,19 @@ def vllm_engine(path: str, n: int, max_tokens: int, **sampling: Any) -> Iterator
     ``hf_config``, ``tokenizer``.
 
     Routing capture: vllm-ascend's ``AscendFusedMoE`` / ``NPUModelRunner`` need NPU kernels, so the package's capture
-    wrappers are installed on the vLLM classes they derive from (``FusedMoE.forward_impl``,
-    ``GPUModelRunner.execute_model``, which vLLM's CPU runner inherits)."""
+    wrappers go on the vLLM classes they mirror (``FusedMoE.forward_impl``, ``GPUModelRunner.execute_model``, which
+    vLLM's CPU runner inherits) through :mod:`mindspeed_rl_r3.patches.vllm_capture`, undone on exit."""
     from mindspeed_rl.models.rollout.vllm_engine import VLLMInferEngine
     from mindspeed_rl.utils import get_tokenizer
     from transformers import AutoConfig
     from vllm import LLM, SamplingParams
-    from vllm.model_executor.layers.fused_moe.layer import FusedMoE
-    from vllm.v1.worker.block_table import BlockTable
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from mindspeed_rl_r3.patches import mindspeed_rl_rollout
-    from mindspeed_rl_r3.patches import vllm_ascend_capture as capture
+    from mindspeed_rl_r3.patches import mindspeed_rl_rollout, vllm_capture
 
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, _vllm_capture_installed(vllm_capture):
         for key, value in VLLM_ENV.items():
             mp.setenv(key, value)
-        mp.setattr(
-            FusedMoE,
-            "forward_impl",
-            capture.forward_impl_capture_wrapper(FusedMoE.forward_impl, lambda: _select_experts),
-        )
-        mp.setattr(GPUModelRunner, "execute_model", capture.execute_model_capture_wrapper(GPUModelRunner.execute_model))
-        # vllm-ascend's BlockTable keeps the step's slots in slot_mapping_np, vLLM's in slot_mapping.np
-        mp.setattr(BlockTable, "slot_mapping_np", property(lambda self: self.slot_mapping.np), raising=False)
         mp.setattr(mindspeed_rl_rollout, "_capture_installed", {"0.11.0"})  # attached above, not to vllm-ascend
         # MindSpeed-RL's NPUModelRunner.initialize_kv_cache patch: a KV cache re-allocated by init_cache_engine after
         # free_cache_engine keeps the attention backends it has (vLLM's runner asserts they are not built twice)
