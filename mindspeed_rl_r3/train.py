@@ -202,8 +202,11 @@ def use_cpu_backend() -> None:
             f"--cpu-backend needs the pinned upstream sources: set {cpu_backend.ENV_UPSTREAM} to a folder holding "
             f"{', '.join(cpu_backend.UPSTREAM_FOLDERS)}"
         )
-    cpu_backend.install()
-    cpu_backend.use_upstream(root)
+    try:
+        cpu_backend.install()
+        cpu_backend.use_upstream(root)
+    except cpu_backend.CpuBackendError as err:  # a real torch_npu here, or an incomplete upstream tree
+        raise ConfigError(f"--cpu-backend: {err}") from None
     os.environ[cpu_backend.ENV_UPSTREAM] = str(root)
     # A local trial cluster: without this, Ray 2.60 starts with token auth, which the workers cannot pass.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -221,7 +224,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if getattr(args, "cpu_backend", False):
             use_cpu_backend()
         job = prepare_job(args.config_name, args.config_path, args.overrides)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:  # ConfigError, MindSpeed-RL's unknown-key ValueError
+    except (ValueError, FileNotFoundError) as err:  # ConfigError, MindSpeed-RL's unknown-key ValueError
         print(f"mindspeed_rl_r3.train: {err}", file=sys.stderr)
         return 2
     run_job(*job)
