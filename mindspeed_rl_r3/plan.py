@@ -905,7 +905,8 @@ def compose_hydra(
         raise error(f"composing {source} with overrides {list(overrides)}: {_one_line(err)}") from None
     if not isinstance(plain, dict):
         raise error(f"{source}: expected a mapping at the top level, got {type(plain).__name__}")
-    for section in ("r3", "aqn", "lora_extras"):  # the package's sections: absent or a mapping
+    # the package's sections (config.SECTIONS, not imported here: config pulls in torch), absent or a mapping
+    for section in ("r3", "aqn", "lora_extras"):
         value = plain.get(section)
         if value is not None and not isinstance(value, dict):
             raise error(f"{section}: expected a mapping, got {type(value).__name__} {value!r}")
