@@ -89,10 +89,6 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return flat.contiguous().view(torch.uint8)
 
 
-def _ids_bytes(ids: torch.Tensor) -> torch.Tensor:
-    return _bytes(ids)
-
-
 def _view(segment: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """Zero-copy typed view of a byte segment (a fresh empty tensor when there is nothing to view)."""
     if segment.numel() == 0:
@@ -101,7 +97,8 @@ def _view(segment: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> 
 
 
 def _assemble(header: list[int], *parts: torch.Tensor) -> torch.Tensor:
-    """Header + byte parts -> one int32 tensor, body padded to whole words, CRC filled in."""
+    """Header + parts (any tensors, taken as their raw bytes) -> one int32 tensor, body padded to whole words, CRC
+    filled in."""
     body = torch.cat([_bytes(p) for p in parts]) if parts else torch.empty(0, dtype=torch.uint8)
     nbytes = body.numel()
     out = torch.empty(HEADER_WORDS + (nbytes + 3) // 4, dtype=torch.int32)
@@ -158,7 +155,7 @@ def encode(trace: RoutingTrace, *, spec: MoEModelSpec | None = None) -> torch.Te
     The header names the model's routing layout: ``spec.layout_id`` when ``spec`` is given (the trace must fit it),
     else ``trace.layout``, else "not recorded".
     """
-    return _assemble(_header(trace, _layout(trace, spec, "")), _ids_bytes(trace.ids))
+    return _assemble(_header(trace, _layout(trace, spec, "")), trace.ids)
 
 
 def encoded_words(trace: RoutingTrace) -> int:
@@ -378,7 +375,7 @@ def encode_group(
         return []
     leader = traces[0]
     layout = _layout(leader, spec, "group sample 0: ")
-    out = [_assemble(_header(leader, layout), _ids_bytes(leader.ids))]
+    out = [_assemble(_header(leader, layout), leader.ids)]
     for j, trace in enumerate(traces[1:], start=1):
         if trace.ids.shape[1:] != leader.ids.shape[1:] or trace.num_experts != leader.num_experts:
             raise RoutingError(
@@ -400,8 +397,8 @@ def encode_group(
             _assemble(
                 header,
                 exc_rows.to(torch.int32),
-                _ids_bytes(trace.ids[exc_rows]),
-                _ids_bytes(trace.ids[shared:]),
+                trace.ids[exc_rows],
+                trace.ids[shared:],
             )
         )
     return out
