@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # GRPO + LoRA + R3 + AQN on Qwen3-30B-A3B with MindSpeed-RL, launched the way MindSpeed-RL's examples are.
 #
-# Run the same command on every node. NODE_RANK 0 is the head: it checks the layout with `plan`, starts Ray as head
-# on port 6766, waits until `ray status` shows all NNODES x NPUS_PER_NODE NPUs, then runs the training entry.
-# Other nodes join the head's Ray cluster and return (their Ray daemons keep running).
+# Run the same command on every node. Every node first checks what is cheap to check (arguments, config, paths,
+# ray and python in PATH, the NPU count npu-smi reports); the head (NODE_RANK 0) also checks the layout with
+# `mindspeed-rl-r3 plan`. Only then does anything start: the head starts its own Ray head on port 6766, waits until
+# `ray status` shows all NNODES x NPUS_PER_NODE NPUs, runs the training entry, and stops the Ray head it started when
+# training ends, fails or is interrupted. Other nodes join the head's Ray cluster and return; their Ray daemons exit
+# once the head is gone. The launcher never stops a Ray it did not start: if port 6766 is taken, it says so.
 #
 #   NNODES=2 NPUS_PER_NODE=8 NODE_RANK=0 MASTER_ADDR=10.0.0.1 \
-#   MODEL_PATH=/models/Qwen3-30B-A3B LOAD_PATH=/ckpt/Qwen3-30B-A3B-mcore-tp4-pp2-ep1 \
+#   MODEL_PATH=/models/Qwen3-30B-A3B LOAD_PATH=/ckpt/Qwen3-30B-A3B-mcore-tp4-pp2-ep2 \
 #   DATA_PATH=/data/gsm8k/data MINDSPEED_RL_DIR=/opt/MindSpeed-RL \
 #   CONFIG_NAME=grpo_qwen3_30b_a3b_lora_r3_aqn_A2_2x8 bash examples/qwen3_30b_lora_r3_aqn.sh
 #
-# Options: --dry-run (print what would run; start, kill and create nothing), --config-name NAME, -h | --help.
-# Arguments after `--` go to the entry as hydra overrides, e.g. `-- rl_config.n_samples_per_prompt=4`.
+# (LOAD_PATH must hold weights converted for the config's TP/PP/EP: TP 4, PP 2, EP 2 for the A2_2x8 config.)
+#
+# Options: --dry-run (run every check, plan included, then print what would run; start, stop and create nothing),
+# --config-name NAME, -h | --help.
+# Arguments after `--` go to the entry (and to `plan`) as hydra overrides, e.g. `-- rl_config.n_samples_per_prompt=4`.
 #
 # Variables (environment overrides; defaults in brackets):
 #   NNODES [1], NPUS_PER_NODE [16], NODE_RANK [0], MASTER_ADDR [localhost; the head's IP when NNODES > 1]
@@ -159,15 +165,42 @@ NODE_IP_ARGS=()
 [[ -z $NODE_IP ]] || NODE_IP_ARGS=(--node-ip-address="$NODE_IP")
 NPU_RESOURCES="{\"NPU\": $NPUS_PER_NODE}"
 
-if ((!DRY_RUN)); then
-  command -v ray >/dev/null || die "ray is not in PATH (activate the MindSpeed-RL environment)"
-  command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not in PATH"
-fi
-
 role=worker
 ((NODE_RANK == 0)) && role=head
 note "$role node $NODE_RANK of $NNODES, $NPUS_PER_NODE NPUs per node, $WORLD NPUs in total," \
   "Ray head $MASTER_ADDR:$RAY_PORT, config $CONFIG_FILE"
+
+# ---- tools and NPUs: checked in a dry run too, so a dry run that passes means the launch gets this far
+command -v ray >/dev/null || die "ray is not in PATH (activate the MindSpeed-RL environment)"
+command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not in PATH"
+if command -v npu-smi >/dev/null; then
+  # `npu-smi info -l` starts with "Total Count : N".
+  npus="$(npu-smi info -l 2>/dev/null | awk -F: '/Total Count/ { gsub(/[ \t]/, "", $2); print $2; exit }')" || npus=""
+  if [[ $npus =~ ^[0-9]+$ ]]; then
+    ((npus >= NPUS_PER_NODE)) || die "npu-smi sees $npus NPUs on this node, NPUS_PER_NODE is $NPUS_PER_NODE"
+  else
+    note "could not read the NPU count from 'npu-smi info -l': NPUS_PER_NODE=$NPUS_PER_NODE not checked"
+  fi
+else
+  note "npu-smi is not in PATH: NPUS_PER_NODE=$NPUS_PER_NODE not checked against this node"
+fi
+
+# ---- layout (head only): fails fast on layouts MindSpeed-RL / Megatron would reject after minutes of start-up
+if ((NODE_RANK == 0)) && [[ $SKIP_PLAN != 1 ]]; then
+  plan_status=0
+  plan_out="$(PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m mindspeed_rl_r3.cli.main plan \
+    "$CONFIG_FILE" ${OVERRIDES[@]+"${OVERRIDES[@]}"} --npus "$WORLD" --nnodes "$NNODES" 2>&1)" || plan_status=$?
+  printf '%s\n' "$plan_out" | sed 's/^/[plan] /'
+  ((plan_status == 0)) ||
+    die "plan rejected $CONFIG_FILE for $NNODES x $NPUS_PER_NODE NPUs (see [plan] above; SKIP_PLAN=1 skips this check)"
+fi
+
+# ---- the head's port must be free: a Ray cluster already there belongs to someone else, and `ray status` would
+# report its NPUs as ours
+if ((NODE_RANK == 0)) && (exec 3<>"/dev/tcp/127.0.0.1/$RAY_PORT") 2>/dev/null; then
+  die "port $RAY_PORT on this node is in use (another Ray cluster?); this launcher stops only the Ray it starts:" \
+    "stop that one yourself if it is yours (\`ray stop\`), or set RAY_PORT to a free port"
+fi
 
 # ---- environment (MindSpeed-RL's launch settings; worker processes get configs/envs/runtime_env.yaml too)
 set_env PYTHONPATH "$MINDSPEED_RL_DIR:$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -194,61 +227,66 @@ if ((!DRY_RUN)); then
   ulimit -n 32768 2>/dev/null || echo "[launch] warning: could not raise the open-file limit to 32768" >&2
 fi
 
-# ---- stale processes from an earlier launch of this job on this node (only ours, not every python)
-run ray stop --force
-if ((DRY_RUN)); then
-  run pkill -9 -u "$(id -u)" -f "mindspeed_rl_r3.train"
-else
-  pkill -9 -u "$(id -u)" -f "mindspeed_rl_r3.train" || true
-fi
-
 if ((NODE_RANK != 0)); then
-  # Worker: join the head, retrying while it starts.
+  # Worker: wait until the head answers, then join it once (a retried `ray start` could start a second raylet).
   if ((DRY_RUN)); then
+    note "wait (every 5 s, up to $WAIT_TIMEOUT s) until the Ray head at $MASTER_ADDR:$RAY_PORT answers"
     run ray start --address="$MASTER_ADDR:$RAY_PORT" --resources="$NPU_RESOURCES" ${NODE_IP_ARGS[@]+"${NODE_IP_ARGS[@]}"}
-    note "retry every 5 s for up to $WAIT_TIMEOUT s until the head at $MASTER_ADDR:$RAY_PORT accepts"
     exit 0
   fi
   deadline=$((SECONDS + WAIT_TIMEOUT))
-  until ray start --address="$MASTER_ADDR:$RAY_PORT" --resources="$NPU_RESOURCES" ${NODE_IP_ARGS[@]+"${NODE_IP_ARGS[@]}"} &&
-    ray status --address="$MASTER_ADDR:$RAY_PORT" >/dev/null; do
-    ((SECONDS < deadline)) || die "could not join the Ray head at $MASTER_ADDR:$RAY_PORT within $WAIT_TIMEOUT s"
+  until ray status --address="$MASTER_ADDR:$RAY_PORT" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "the Ray head at $MASTER_ADDR:$RAY_PORT did not answer within $WAIT_TIMEOUT s"
     echo "[launch] head $MASTER_ADDR:$RAY_PORT not ready, retrying in 5 s"
     sleep 5
   done
+  ray start --address="$MASTER_ADDR:$RAY_PORT" --resources="$NPU_RESOURCES" ${NODE_IP_ARGS[@]+"${NODE_IP_ARGS[@]}"} ||
+    die "could not join the Ray head at $MASTER_ADDR:$RAY_PORT (is a Ray node of another job running here?)"
   echo "[launch] joined the Ray cluster at $MASTER_ADDR:$RAY_PORT with $NPUS_PER_NODE NPUs"
   exit 0
 fi
 
-# ---- head: check the layout, start Ray, wait for every NPU, train
-if [[ $SKIP_PLAN != 1 ]]; then
-  # Fails fast on layouts MindSpeed-RL / Megatron would reject only after minutes of start-up.
-  if ((DRY_RUN)); then
-    note "check the layout: plan_config($CONFIG_FILE, num_npus=$WORLD, nnodes=$NNODES) (SKIP_PLAN=1 skips it)"
-  else
-    "$PYTHON" -c 'import sys
-from mindspeed_rl_r3.plan import format_plan, load_config, plan_config
-result = plan_config(load_config(sys.argv[1]), num_npus=int(sys.argv[2]), nnodes=int(sys.argv[3]))
-print(format_plan(result))
-sys.exit(0 if result["ok"] else 1)' "$CONFIG_FILE" "$WORLD" "$NNODES" ||
-      die "plan rejected $CONFIG_FILE for $NNODES x $NPUS_PER_NODE NPUs (SKIP_PLAN=1 skips this check)"
+# ---- head: start our own Ray head, wait for every NPU, train, stop the head
+# `ray start --block` stays in the foreground of its own process and, on SIGTERM, stops exactly the Ray processes it
+# started: keeping its pid is how this script stops its head and nothing else (`ray stop` would stop every Ray
+# cluster of this user on the node).
+RAY_HEAD_PID=""
+stop_own_ray_head() {
+  [[ -n $RAY_HEAD_PID ]] || return 0
+  if kill -0 "$RAY_HEAD_PID" 2>/dev/null; then
+    echo "[launch] stopping the Ray head this launch started (pid $RAY_HEAD_PID)" >&2
+    kill -TERM "$RAY_HEAD_PID" 2>/dev/null || true
   fi
-fi
-
-run ray start --head --port "$RAY_PORT" --dashboard-host="$MASTER_ADDR" --dashboard-port="$RAY_DASHBOARD_PORT" \
-  --resources="$NPU_RESOURCES" ${NODE_IP_ARGS[@]+"${NODE_IP_ARGS[@]}"}
+  wait "$RAY_HEAD_PID" 2>/dev/null || true
+  RAY_HEAD_PID=""
+}
+HEAD_CMD=(ray start --head --block --port "$RAY_PORT" --dashboard-host="$MASTER_ADDR"
+  --dashboard-port="$RAY_DASHBOARD_PORT" --resources="$NPU_RESOURCES" ${NODE_IP_ARGS[@]+"${NODE_IP_ARGS[@]}"})
 
 if ((DRY_RUN)); then
+  run "${HEAD_CMD[@]}"
+  note "(in the background; stopped when this script exits, training failed or not)"
   note "wait until 'ray status' shows $WORLD NPU (timeout $WAIT_TIMEOUT s)"
 else
+  trap stop_own_ray_head EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  "${HEAD_CMD[@]}" &
+  RAY_HEAD_PID=$!
   deadline=$((SECONDS + WAIT_TIMEOUT))
   while :; do
+    if ! kill -0 "$RAY_HEAD_PID" 2>/dev/null; then
+      head_status=0
+      wait "$RAY_HEAD_PID" || head_status=$?
+      RAY_HEAD_PID=""
+      die "'ray start --head' exited (status $head_status) before the cluster was ready (its output is above)"
+    fi
     # `ray status` lists resources as "used/total NPU", e.g. " 0.0/16.0 NPU".
-    visible="$(ray status 2>/dev/null | awk '$2 == "NPU" { split($1, a, "/"); print int(a[2]); exit }')" || visible=""
+    visible="$(ray status --address="$MASTER_ADDR:$RAY_PORT" 2>/dev/null |
+      awk '$2 == "NPU" { split($1, a, "/"); print int(a[2]); exit }')" || visible=""
     visible="${visible:-0}"
-    if ((visible >= WORLD)); then
+    if ((visible >= WORLD)) && kill -0 "$RAY_HEAD_PID" 2>/dev/null; then
       echo "[launch] Ray cluster ready: $visible NPUs"
-      ray status
       break
     fi
     ((SECONDS < deadline)) ||
@@ -275,4 +313,7 @@ if ((DRY_RUN)); then
 fi
 mkdir -p "$LOG_DIR"
 echo "[launch] training, log: $LOG_FILE"
-"${TRAIN_CMD[@]}" 2>&1 | tee "$LOG_FILE"
+train_status=0
+"${TRAIN_CMD[@]}" 2>&1 | tee "$LOG_FILE" || train_status=$?
+((train_status == 0)) || echo "[launch] training failed (exit status $train_status), log: $LOG_FILE" >&2
+exit "$train_status"

@@ -1,61 +1,50 @@
 """Load the MindSpeed-RL patches in every process that imports MindSpeed-RL, without touching its code.
 
 :func:`install` puts a post-import hook on ``sys.meta_path``: when one of the MindSpeed-RL modules listed in
-:data:`mindspeed_rl_r3.patches.mindspeed_rl_integration.MODULE_PATCHES` finishes importing, the process activates
-the integration from its environment (the sections the driver published, see
+:data:`TARGET_MODULES` (the hooks of :mod:`mindspeed_rl_r3.patches.registry`) finishes importing, the process
+activates the integration from its environment (the sections the driver published, see
 :mod:`mindspeed_rl_r3.integration.settings`) and patches that module. Without sections it patches nothing. It is
 called by the ``.pth`` file ``mindspeed-rl-r3 apply`` writes (every Python process of that installation) and as the
 Ray ``worker_process_setup_hook`` of jobs started by ``mindspeed_rl_r3.train`` or by a patched driver (every worker
 process of the job, on every node where the package is importable).
 
 Driver side: where the sections are not in the environment yet, importing ``mindspeed_rl`` wraps ``hydra.main`` and
-``ray.init``: when the hydra task function (MindSpeed-RL's ``cli/train_grpo.py::main``) receives a config with
-``r3`` / ``aqn`` / ``lora_extras`` sections, they are validated and published in this process's environment, and
-``ray.init`` passes them (and this setup hook) to every worker through the job's ``runtime_env``.
+``ray.init`` (:mod:`mindspeed_rl_r3.patches.driver`, undone by its ``undo()``): when the hydra task function
+(MindSpeed-RL's ``cli/train_grpo.py::main``) receives a config with ``r3`` / ``aqn`` / ``lora_extras`` sections, they
+are validated and published in this process's environment, and ``ray.init`` passes them (and this setup hook) to every
+worker through the job's ``runtime_env``.
 
 Cheap by design: :func:`install` imports nothing heavy (it runs at every interpreter start once applied).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.abc
 import importlib.machinery
 import os
 import sys
 import threading
-import warnings
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 from mindspeed_rl_r3.integration.env import ENV_CONFIG_FILE, ENV_DISABLE, ENV_SECTIONS
+from mindspeed_rl_r3.patches import driver, registry
+from mindspeed_rl_r3.patches.driver import SETUP_HOOK, job_runtime_env, publish_sections
 
-SETUP_HOOK = "mindspeed_rl_r3.autopatch.install"
-DRIVER_TRIGGER = "mindspeed_rl"
-_MARK = "__r3_autopatch__"
+__all__ = ["SETUP_HOOK", "TARGET_MODULES", "install", "install_driver_capture", "job_runtime_env", "publish_sections"]
+
+DRIVER_TRIGGER = registry.BY_NAME["driver"].hooks[0]
 _lock = threading.RLock()
 _finder: _PostImportFinder | None = None
 _ran: set[str] = set()
 
 
 def _target_modules() -> set[str]:
-    # The registry lives in the patch modules, which import torch; the names are listed here to keep install cheap
-    # (tests check the two lists agree).
     return set(TARGET_MODULES)
 
 
-TARGET_MODULES = (
-    "mindspeed_rl.trainer.grpo_trainer_hybrid",
-    "mindspeed_rl.workers.base_worker",
-    "mindspeed_rl.workers.actor_hybrid_worker",
-    "mindspeed_rl.workers.reference_worker",
-    "mindspeed_rl.workers.integrated_worker",
-    "mindspeed_rl.workers.resharding.megatron_sharding_manager",
-    "mindspeed_rl.models.rollout.vllm_engine",
-    "mindspeed_rl.models.base.base_training_engine",
-    "mindspeed_rl.models.loss.base_loss_func",
-)
+# From the registry, which imports no patch module: install stays cheap.
+TARGET_MODULES = registry.hook_modules()
 
 
 def _disabled() -> bool:
@@ -149,85 +138,7 @@ def installed() -> bool:
     return _finder is not None and _finder in sys.meta_path
 
 
-# -- driver side ------------------------------------------------------------------------------------------------------
-def publish_sections(config: Any) -> str | None:
-    """Validate the config's sections and put them in this process's environment; returns the JSON or ``None``."""
-    from mindspeed_rl_r3.integration.runtime import activate
-    from mindspeed_rl_r3.integration.settings import encode_sections, present_sections
-
-    sections = present_sections(config)
-    if not sections:
-        return None
-    text = encode_sections(sections)
-    os.environ[ENV_SECTIONS] = text
-    activate(sections)
-    return text
-
-
-def job_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
-    """``runtime_env`` plus the published sections and this setup hook (a copy; ``None`` reads as empty)."""
-    env = dict(runtime_env or {})
-    text = os.environ.get(ENV_SECTIONS)
-    if not text:
-        return env
-    env_vars = dict(env.get("env_vars") or {})
-    env_vars.setdefault(ENV_SECTIONS, text)
-    env["env_vars"] = env_vars
-    if env.get("worker_process_setup_hook") not in (None, SETUP_HOOK):
-        warnings.warn(
-            f"ray.init runtime_env has worker_process_setup_hook {env['worker_process_setup_hook']!r}; workers load "
-            "the mindspeed_rl_r3 patches only where `mindspeed-rl-r3 apply` installed them",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    else:
-        env["worker_process_setup_hook"] = SETUP_HOOK
-    return env
-
-
-def _hydra_main_wrapper(main: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(main)
-    def hydra_main(*args: Any, **kwargs: Any) -> Callable[..., Any]:
-        decorator = main(*args, **kwargs)
-
-        def capture(task_function: Callable[..., Any]) -> Callable[..., Any]:
-            @functools.wraps(task_function)  # hydra unwraps __wrapped__ to find the calling file
-            def task(config: Any, *a: Any, **kw: Any) -> Any:
-                publish_sections(config)
-                return task_function(config, *a, **kw)
-
-            return decorator(task)
-
-        return capture
-
-    setattr(hydra_main, _MARK, True)
-    return hydra_main
-
-
-def _ray_init_wrapper(init: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(init)
-    def ray_init(*args: Any, **kwargs: Any) -> Any:
-        if os.environ.get(ENV_SECTIONS):
-            kwargs["runtime_env"] = job_runtime_env(kwargs.get("runtime_env"))
-        return init(*args, **kwargs)
-
-    setattr(ray_init, _MARK, True)
-    return ray_init
-
-
+# -- driver side: the hydra.main / ray.init wrappers live in mindspeed_rl_r3.patches.driver ---------------------------
 def install_driver_capture() -> list[str]:
     """Wrap ``hydra.main`` and ``ray.init`` (idempotent; skipped where the sections are already published)."""
-    if os.environ.get(ENV_SECTIONS):
-        return []
-    done = []
-    for module_name, attr, wrapper in (("hydra", "main", _hydra_main_wrapper), ("ray", "init", _ray_init_wrapper)):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        current = getattr(module, attr, None)
-        if current is None or getattr(current, _MARK, False):
-            continue
-        setattr(module, attr, wrapper(current))
-        done.append(f"{module_name}.{attr}")
-    return done
+    return driver.apply()

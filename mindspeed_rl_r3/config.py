@@ -4,6 +4,9 @@ They sit at the top level of a MindSpeed-RL hydra config, beside ``megatron_trai
 ``rl_config`` and ``generate_config``: MindSpeed-RL's config classes reject unknown keys inside their own sections,
 so :func:`split_config` takes ours out before the rest reaches MindSpeed-RL. A config without them runs exactly as
 MindSpeed-RL would.
+
+This module checks each section on its own (keys, types, ranges); whether the sections can run together with the
+rest of a config is decided by :mod:`mindspeed_rl_r3.config_rules`. Torch-free: ``plan`` imports it.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from mindspeed_rl_r3.aqn.config import AQNConfig
-from mindspeed_rl_r3.replay.state import ReplayConfig, ReplayMode
-from mindspeed_rl_r3.routing.trace import RoutingError
+from mindspeed_rl_r3.replay.modes import ReplayConfig, ReplayMode
 
 SECTIONS = ("r3", "aqn", "lora_extras")
 CAPTURE_VERSIONS = ("0.11.0", "0.9.1", "native")
@@ -76,7 +78,7 @@ def _r3(section: Mapping[str, Any]) -> R3Config:
         raise ConfigError(f"r3: unknown keys {sorted(unknown)}; allowed {sorted(replay_keys | own_keys)}")
     try:
         replay = ReplayConfig(**{k: v for k, v in section.items() if k in replay_keys})
-    except (RoutingError, ValueError) as err:
+    except ValueError as err:
         raise ConfigError(str(err) if str(err).startswith("r3.") else f"r3: {err}") from None
     version = str(section.get("vllm_ascend", "0.11.0"))
     if version not in CAPTURE_VERSIONS:

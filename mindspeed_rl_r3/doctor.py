@@ -20,15 +20,15 @@ Which targets must be found depends on the job: ``profile="npu"`` (the MindSpeed
 router, the MindSpeed-LLM router registration, the vllm-ascend capture and the MindSpeed-RL LoRA weight-sync targets;
 ``profile="cpu"`` (the CPU reference pipeline) requires the Megatron router, transformers' Qwen3-MoE block and the
 peft-on-Megatron repairs. Other targets are optional: reported, never failing. ``ok`` = every found target is
-compatible and every required one is found.
+compatible and every required one is found (which modules are required: :mod:`mindspeed_rl_r3.patches.registry`).
+
+Parts: :mod:`mindspeed_rl_r3.doctoring.versions`, :mod:`~mindspeed_rl_r3.doctoring.source_index`,
+:mod:`~mindspeed_rl_r3.doctoring.report`.
 """
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -37,377 +37,33 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from mindspeed_rl_r3.doctoring.report import format_doctor, json_view
+from mindspeed_rl_r3.doctoring.source_index import SourceIndex, check_target_in_source, parameters
+from mindspeed_rl_r3.doctoring.versions import (
+    PACKAGES,
+    git_commit,
+    import_is_safe,
+    module_spec,
+    package_dir,
+    package_version,
+    source_version,
+)
 from mindspeed_rl_r3.patches import PATCH_MODULES
+from mindspeed_rl_r3.patches.registry import PROFILES, required
 
-# Reported package -> (distribution names, top-level module, may be imported for __version__).
-PACKAGES: dict[str, tuple[tuple[str, ...], str, bool]] = {
-    "torch": (("torch",), "torch", True),
-    "torch_npu": (("torch_npu", "torch-npu"), "torch_npu", False),
-    "vllm": (("vllm",), "vllm", False),
-    "vllm_ascend": (("vllm_ascend", "vllm-ascend"), "vllm_ascend", False),
-    "megatron": (("megatron-core", "megatron_core", "megatron-lm"), "megatron", False),
-    "mindspeed": (("mindspeed",), "mindspeed", False),
-    "mindspeed_llm": (("mindspeed_llm", "mindspeed-llm"), "mindspeed_llm", False),
-    "mindspeed_rl": (("mindspeed_rl", "mindspeed-rl"), "mindspeed_rl", False),
-    "ray": (("ray",), "ray", True),
-    "hydra": (("hydra-core", "hydra_core"), "hydra", True),
-}
-NPU_PACKAGES = frozenset({"torch_npu", "vllm", "vllm_ascend", "mindspeed", "mindspeed_llm", "mindspeed_rl"})
-# Packages whose version a target's `versions` tuple refers to (by top-level module).
-VERSION_OF = {"megatron": "megatron", "vllm_ascend": "vllm_ascend", "transformers": "transformers"}
-# Patch modules a job cannot run without; every other module in PATCH_MODULES is optional for that profile.
-# (mindspeed_rl_lora / peft_megatron count once they are registered in PATCH_MODULES.)
-REQUIRED = {
-    "npu": frozenset(
-        {
-            "megatron_router",
-            "mindspeed_llm_router",
-            "vllm_ascend_capture",
-            "mindspeed_rl_lora",
-            "mindspeed_rl_trainer",
-            "mindspeed_rl_worker",
-            "mindspeed_rl_rollout",
-            "mindspeed_rl_aqn",
-            "mindspeed_rl_replay",
-        }
-    ),
-    "cpu": frozenset({"megatron_router", "hf_qwen3_moe", "peft_megatron"}),
-}
-_ASCEND_DIRS = ("/usr/local/Ascend/ascend-toolkit", "/usr/local/Ascend/cann")
+__all__ = [
+    "PATCH_MODULES",
+    "REQUIRED",
+    "SourceIndex",
+    "check_target_in_source",
+    "format_doctor",
+    "import_is_safe",
+    "package_version",
+    "run_doctor",
+]
 
-
-# ------------------------------------------------------------------------------------------------------ versions
-
-
-def _module_spec(name: str):
-    try:
-        return importlib.util.find_spec(name)  # top-level names only: this never imports a parent package
-    except (ImportError, ValueError):
-        return None
-
-
-def _package_dir(top: str) -> Path | None:
-    """Directory of an importable top-level package (or the file of a module), found without importing it."""
-    spec = _module_spec(top)
-    if spec is None:
-        return None
-    if spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations)))
-    return Path(spec.origin) if spec.origin else None
-
-
-def _literal_assignments(path: Path) -> dict[str, Any]:
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
-    except (OSError, SyntaxError):
-        return {}
-    values: dict[str, Any] = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign):
-            for target in node.targets:
-                if isinstance(target, ast.Name):
-                    with contextlib.suppress(ValueError, TypeError, SyntaxError):  # not a literal: skip it
-                        values[target.id] = ast.literal_eval(node.value)
-    return values
-
-
-def _source_version(package_dir: Path) -> str | None:
-    """``__version__`` (or megatron's MAJOR.MINOR.PATCH) from the package's source files, without importing."""
-    if package_dir.is_file():
-        return _literal_assignments(package_dir).get("__version__")
-    for relative in ("__init__.py", "version.py", "_version.py", "core/package_info.py"):
-        values = _literal_assignments(package_dir / relative)
-        if isinstance(values.get("__version__"), str):
-            return values["__version__"]
-        if isinstance(values.get("version"), str):
-            return values["version"]
-        if {"MAJOR", "MINOR", "PATCH"} <= values.keys():
-            return f"{values['MAJOR']}.{values['MINOR']}.{values['PATCH']}"
-    return None
-
-
-def package_version(name: str) -> str | None:
-    """Installed version of a reported package: metadata, then ``__version__`` (import only where harmless),
-    then the package source; ``"unknown"`` when importable but unversioned; None when not installed."""
-    dists, top, may_import = PACKAGES[name]
-    for dist in dists:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    package_dir = _package_dir(top)
-    if package_dir is None:
-        return None
-    if may_import:
-        try:
-            version = getattr(importlib.import_module(top), "__version__", None)
-            if version:
-                return str(version)
-        except Exception:  # a broken install is reported as unknown, not raised
-            pass
-    return _source_version(package_dir) or "unknown"
-
-
-def ascend_runtime_present() -> bool:
-    if any(os.environ.get(v) for v in ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME", "ASCEND_OPP_PATH")):
-        return True
-    return any(Path(d).is_dir() for d in _ASCEND_DIRS)
-
-
-def import_is_safe(top: str) -> bool:
-    """Whether importing top-level package ``top`` cannot pull a torch_npu without its runtime into this process."""
-    if top not in NPU_PACKAGES:
-        return True
-    return _module_spec("torch_npu") is None or ascend_runtime_present() or _cpu_backend_installed()
-
-
-def _cpu_backend_installed() -> bool:
-    """torch_npu is :mod:`mindspeed_rl_r3.patches.cpu_backend`'s stand-in, which loads no NPU library."""
-    backend = sys.modules.get("mindspeed_rl_r3.patches.cpu_backend")
-    return backend is not None and backend.installed()
-
-
-# ----------------------------------------------------------------------------------------------- reading source
-
-
-def _git_commit(directory: Path) -> str | None:
-    """HEAD commit of the checkout containing ``directory``, read from ``.git`` files (no git process); for a
-    source export without ``.git``, the hash its ``COMMIT`` file records (as ``../shared/upstream/*`` have)."""
-    with contextlib.suppress(OSError, IndexError):
-        return (directory / "COMMIT").read_text(encoding="utf-8").split()[0]
-    for parent in (directory, *directory.parents):
-        git = parent / ".git"
-        if git.is_file():  # a worktree: "gitdir: <path>"
-            text = git.read_text(encoding="utf-8", errors="replace").strip()
-            git = (parent / text.split(":", 1)[1].strip()) if text.startswith("gitdir:") else git
-        if not git.is_dir():
-            continue
-        try:
-            head = (git / "HEAD").read_text(encoding="utf-8").strip()
-        except OSError:
-            return None
-        if not head.startswith("ref:"):
-            return head or None
-        ref = head.split(":", 1)[1].strip()
-        for refs_dir in (git, _common_dir(git)):
-            ref_file = refs_dir / ref
-            if ref_file.is_file():
-                return ref_file.read_text(encoding="utf-8").strip() or None
-            packed = refs_dir / "packed-refs"
-            if packed.is_file():
-                for line in packed.read_text(encoding="utf-8", errors="replace").splitlines():
-                    if line.endswith(f" {ref}"):
-                        return line.split()[0]
-        return None
-    return None
-
-
-def _common_dir(git: Path) -> Path:
-    common = git / "commondir"
-    if common.is_file():
-        return (git / common.read_text(encoding="utf-8").strip()).resolve()
-    return git
-
-
-class SourceIndex:
-    """Finds a dotted target in Python source files under some roots, by ``ast`` only.
-
-    A root is a directory that contains top-level packages (a checkout, or ``site-packages``); a directory that *is*
-    a package (``.../vllm_ascend``) is accepted and its parent used. Follows ``from x import name`` re-exports,
-    ``name = other`` aliases and base classes (within the indexed sources), up to a small depth.
-    """
-
-    def __init__(self, roots: Iterable[Path]):
-        self.roots: list[Path] = []
-        for root in roots:
-            root = Path(root)
-            if (root / "__init__.py").is_file() and not (root / root.name).is_dir():
-                root = root.parent
-            if root not in self.roots:
-                self.roots.append(root)
-        self._trees: dict[Path, ast.Module | None] = {}
-
-    def module_file(self, module: str) -> Path | None:
-        relative = Path(*module.split("."))
-        for root in self.roots:
-            for candidate in (root / relative.with_suffix(".py"), root / relative / "__init__.py"):
-                if candidate.is_file():
-                    return candidate
-        return None
-
-    def _tree(self, path: Path) -> ast.Module | None:
-        if path not in self._trees:
-            try:
-                self._trees[path] = ast.parse(path.read_text(encoding="utf-8", errors="replace"), str(path))
-            except (OSError, SyntaxError):
-                self._trees[path] = None
-        return self._trees[path]
-
-    def locate(self, dotted: str) -> tuple[Path, str] | None:
-        """(file, attribute path inside it) for the longest module prefix of ``dotted`` found under the roots."""
-        parts = dotted.split(".")
-        for split in range(len(parts) - 1, 0, -1):
-            path = self.module_file(".".join(parts[:split]))
-            if path is not None:
-                return path, ".".join(parts[split:])
-        return None
-
-    def resolve(self, dotted: str) -> tuple[ast.AST, Path, bool] | str:
-        """``(definition node, file, is_method)`` for a dotted target, or a string saying what is missing."""
-        located = self.locate(dotted)
-        if located is None:
-            return f"no module of {dotted} under {[str(r) for r in self.roots]}"
-        path, attrs = located
-        return self._resolve_in(path, attrs.split("."), depth=0)
-
-    def _resolve_in(self, path: Path, attrs: list[str], depth: int) -> tuple[ast.AST, Path, bool] | str:
-        tree = self._tree(path)
-        if tree is None:
-            return f"{path} does not parse"
-        if depth > 6:
-            return f"{'.'.join(attrs)}: too many re-exports (last {path})"
-        name, rest = attrs[0], attrs[1:]
-        node = _find_top_level(tree.body, name)
-        if node is None:
-            return f"{name} is not defined in {path}"
-        if isinstance(node, ast.ImportFrom | ast.Import):
-            target = _import_target(node, name, path, self)
-            if target is None:
-                return f"{name} is imported in {path} from a module outside the indexed sources"
-            module_path, original = target
-            return self._resolve_in(module_path, [original, *rest], depth + 1)
-        if isinstance(node, ast.Assign):  # alias: name = other_name
-            if isinstance(node.value, ast.Name):
-                return self._resolve_in(path, [node.value.id, *rest], depth + 1)
-            return f"{name} in {path} is assigned from an expression; cannot read its signature without import"
-        if not rest:
-            return node, path, False
-        if not isinstance(node, ast.ClassDef):
-            return f"{name} in {path} is not a class, so it has no attribute {rest[0]}"
-        return self._resolve_member(node, path, rest, depth)
-
-    def _resolve_member(
-        self, cls: ast.ClassDef, path: Path, rest: list[str], depth: int
-    ) -> tuple[ast.AST, Path, bool] | str:
-        member = _find_top_level(cls.body, rest[0])
-        if member is not None and not isinstance(member, ast.ImportFrom | ast.Import):
-            if len(rest) == 1:
-                return member, path, isinstance(member, ast.FunctionDef | ast.AsyncFunctionDef)
-            if isinstance(member, ast.ClassDef):
-                return self._resolve_member(member, path, rest[1:], depth)
-            return f"{cls.name}.{rest[0]} in {path} is not a class"
-        for base in cls.bases:  # inherited: look in base classes we can see
-            base_name = (
-                base.id if isinstance(base, ast.Name) else base.attr if isinstance(base, ast.Attribute) else None
-            )
-            if base_name is None or base_name == cls.name:
-                continue
-            found = self._resolve_in(path, [base_name, *rest], depth + 1)
-            if not isinstance(found, str):
-                return found
-        return f"{cls.name}.{'.'.join(rest)} is not defined in {path} (nor in base classes found in the sources)"
-
-
-def _binds(node: ast.stmt, name: str) -> bool:
-    """Whether a top-level statement binds ``name`` (def, class, plain assignment or import)."""
-    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-        return node.name == name
-    if isinstance(node, ast.Assign):
-        return any(isinstance(t, ast.Name) and t.id == name for t in node.targets)
-    if isinstance(node, ast.ImportFrom | ast.Import):
-        return any((alias.asname or alias.name.split(".")[0]) == name for alias in node.names)
-    return False
-
-
-def _find_top_level(body: list[ast.stmt], name: str) -> ast.stmt | None:
-    """The last statement of a body (descending into if/try blocks) that binds ``name``."""
-    found = None
-    for node in body:
-        if _binds(node, name):
-            found = node
-        elif isinstance(node, ast.If | ast.Try):
-            blocks = [node.body, node.orelse]
-            if isinstance(node, ast.Try):
-                blocks += [node.finalbody, *[h.body for h in node.handlers]]
-            for block in blocks:
-                inner = _find_top_level(block, name)
-                if inner is not None:
-                    found = inner
-    return found
-
-
-def _import_target(
-    node: ast.ImportFrom | ast.Import, name: str, path: Path, index: SourceIndex
-) -> tuple[Path, str] | None:
-    if isinstance(node, ast.Import):
-        return None  # `import a.b as name` binds a module, not a callable target
-    for alias in node.names:
-        if (alias.asname or alias.name) != name:
-            continue
-        module = node.module or ""
-        if node.level:  # relative import: resolve against this file's package
-            package = path.parent
-            for _ in range(node.level - 1):
-                package = package.parent
-            base = package / Path(*module.split(".")) if module else package
-            for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-                if candidate.is_file():
-                    return candidate, alias.name
-            return None  # `from . import name` where name is a submodule: a module, not a callable
-        module_path = index.module_file(module)
-        return (module_path, alias.name) if module_path is not None else None
-    return None
-
-
-def _parameters(node: ast.AST, is_method: bool) -> tuple[str, ...]:
-    """Parameter names as ``inspect.signature`` reports them for the attribute looked up on its owner."""
-    if isinstance(node, ast.ClassDef):
-        init = _find_top_level(node.body, "__init__")
-        if not isinstance(init, ast.FunctionDef | ast.AsyncFunctionDef):
-            return ()
-        return _parameters(init, True)[1:]  # a class's signature is __init__ without self
-    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-        return ()
-    args = node.args
-    names = [a.arg for a in (*args.posonlyargs, *args.args)]
-    if args.vararg:
-        names.append(args.vararg.arg)
-    names += [a.arg for a in args.kwonlyargs]
-    if args.kwarg:
-        names.append(args.kwarg.arg)
-    decorators = {d.id if isinstance(d, ast.Name) else getattr(d, "attr", "") for d in node.decorator_list}
-    if is_method and "classmethod" in decorators:
-        names = names[1:]  # bound to the class when looked up on it
-    return tuple(names)
-
-
-def check_target_in_source(target: Any, index: SourceIndex, versions: Sequence[str] = ()) -> dict[str, Any]:
-    """``PatchTarget.check``'s result computed from source: ``{"name", "found", "compatible", "version_known",
-    "detail", "source", "versions", "installed"}``; ``versions`` are the candidate version strings of the
-    source (package version, git commit)."""
-    result: dict[str, Any] = {
-        "name": target.path,
-        "versions": list(target.versions),
-        "installed": next(iter(versions), None),
-    }
-    found = index.resolve(target.path)
-    known = any(str(c).startswith(v) for c in versions if c for v in target.versions)
-    if isinstance(found, str):
-        return result | {"found": False, "compatible": False, "version_known": known, "detail": found, "source": None}
-    node, path, is_method = found
-    params = _parameters(node, is_method)
-    compatible = params[: len(target.parameters)] == tuple(target.parameters)
-    detail = (
-        "" if compatible else f"expected parameters {tuple(target.parameters)}, found {params} ({path}:{node.lineno})"
-    )
-    return result | {
-        "found": True,
-        "compatible": compatible,
-        "version_known": known,
-        "detail": detail,
-        "source": str(path),
-    }
-
+# Patch modules a job cannot run without (from the registry); every other module of PATCH_MODULES is optional there.
+REQUIRED = {profile: required(profile) for profile in PROFILES}
 
 # ------------------------------------------------------------------------------------------------------ targets
 
@@ -424,11 +80,11 @@ def _top(path: str) -> str:
 def _upstream_versions(directory: Path, top: str) -> list[str]:
     """Candidate versions of package ``top`` inside an upstream checkout: source version, then git commit."""
     candidates = []
-    package_dir = directory / top if (directory / top).is_dir() else directory
-    version = _source_version(package_dir) if package_dir.exists() else None
+    top_dir = directory / top if (directory / top).is_dir() else directory
+    version = source_version(top_dir) if top_dir.exists() else None
     if version:
         candidates.append(version)
-    commit = _git_commit(directory)
+    commit = git_commit(directory)
     if commit:
         candidates.append(commit)
     return candidates
@@ -440,7 +96,7 @@ def _relevant_megatron(results: list[dict[str, Any]], index: SourceIndex) -> lis
     native = False
     if hook is not None and hook["found"]:
         found = index.resolve(hook["name"])
-        native = not isinstance(found, str) and "router_replay" in _parameters(found[0], found[2])
+        native = not isinstance(found, str) and "router_replay" in parameters(found[0], found[2])
     return [
         r
         for r in results
@@ -484,7 +140,7 @@ def _module_results(name: str, upstream: SourceIndex, upstream_dirs: list[Path])
             result["kind"] = (
                 "target" if target is not None or result["name"].startswith("mindspeed_rl_r3.") else "diagnostic"
             )
-            if not result.get("found") and target is not None and _package_dir(_top(target.path)) is not None:
+            if not result.get("found") and target is not None and package_dir(_top(target.path)) is not None:
                 fallback = _installed_source_check(target)  # the import failed but the source is there: read it
                 if fallback["found"]:
                     fallback["detail"] = f"{fallback['detail']} (import failed: {result.get('detail', '')})".strip()
@@ -495,7 +151,7 @@ def _module_results(name: str, upstream: SourceIndex, upstream_dirs: list[Path])
         for target in targets:
             if target.path in from_upstream:
                 results.append(from_upstream[target.path])
-            elif _package_dir(_top(target.path)) is not None:
+            elif package_dir(_top(target.path)) is not None:
                 results.append(_installed_source_check(target))
             else:
                 results.append(_missing(target))
@@ -510,9 +166,9 @@ def _module_results(name: str, upstream: SourceIndex, upstream_dirs: list[Path])
 def _install_roots(targets: Iterable[Any]) -> list[Path]:
     roots = []
     for target in targets:
-        package_dir = _package_dir(_top(target.path))
-        if package_dir is not None:
-            roots.append(package_dir.parent)
+        top_dir = package_dir(_top(target.path))
+        if top_dir is not None:
+            roots.append(top_dir.parent)
     return roots
 
 
@@ -572,8 +228,10 @@ def run_doctor(
     modules: Sequence[str] | None = None,
     quiet: bool = False,
     stream: Any = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
-    """Versions and patch-target checks; prints the report (JSON with ``as_json``) unless ``quiet``.
+    """Versions and patch-target checks; prints the report (JSON with ``as_json``) unless ``quiet``: a summary
+    (environment, per-module counts, problems only), every target with ``verbose``. The returned report is complete.
 
     ``upstream_dirs`` are source checkouts to read instead of the installed packages. ``profile`` is ``"npu"``,
     ``"cpu"`` or ``"auto"`` (npu when torch_npu is installed or upstream directories are given). ``modules``
@@ -589,7 +247,7 @@ def run_doctor(
         if not directory.is_dir():
             raise FileNotFoundError(f"upstream directory not found: {directory}")
     if profile == "auto":
-        profile = "npu" if dirs or _module_spec("torch_npu") is not None else "cpu"
+        profile = "npu" if dirs or module_spec("torch_npu") is not None else "cpu"
     if profile not in REQUIRED:
         raise ValueError(f"profile must be 'npu', 'cpu' or 'auto', got {profile!r}")
     selected = list(PATCH_MODULES) if modules is None else list(modules)
@@ -609,7 +267,7 @@ def run_doctor(
     report = {
         "versions": versions,
         "targets": targets,
-        "upstream": [{"dir": str(d), "commit": _git_commit(d)} for d in dirs],
+        "upstream": [{"dir": str(d), "commit": git_commit(d)} for d in dirs],
         "profile": profile,
         "missing_required": missing_required,
         "missing_optional": [t["name"] for t in checked if not t["required"] and not t["found"]],
@@ -619,27 +277,8 @@ def run_doctor(
     }
     if not quiet:
         out = stream or sys.stdout
-        print(json.dumps(report, indent=2, default=str) if as_json else format_doctor(report), file=out)
-    return report
-
-
-def format_doctor(report: dict[str, Any]) -> str:
-    """Human-readable report of :func:`run_doctor`."""
-    lines = ["versions:"]
-    lines += [f"  {name:<14}{version or '-'}" for name, version in report["versions"].items()]
-    for up in report["upstream"]:
-        lines.append(f"upstream {up['dir']} @ {up['commit'] or 'no git commit'}")
-    lines.append(f"patch targets (profile {report['profile']}):")
-    for t in report["targets"]:
-        if t.get("kind") == "diagnostic":
-            state = "diagnostic ok" if t.get("compatible") else "diagnostic: fails before patching"
-        elif t["found"]:
-            state = "ok" if t["compatible"] else "INCOMPATIBLE"
+        if as_json:
+            print(json.dumps(json_view(report, verbose), indent=2, default=str), file=out)
         else:
-            state = "MISSING" if t["required"] else "missing (optional)"
-        known = "version known" if t.get("version_known") else "version unknown"
-        lines.append(f"  [{state}] {t['name']}  ({t.get('module')}, {known}, {t.get('source') or 'not found'})")
-        if t.get("detail") and not (t["found"] and t["compatible"]):
-            lines.append(f"      {t['detail']}")
-    lines.append("doctor ok" if report["ok"] else "doctor FAILED")
-    return "\n".join(lines)
+            print(format_doctor(report, verbose), file=out)
+    return report

@@ -18,18 +18,20 @@ Ray nodes), as ``examples/qwen3_30b_lora_r3_aqn.sh`` arranges.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mindspeed_rl_r3 import config_rules
+from mindspeed_rl_r3.cli.train_options import add_arguments  # torch-free, for the CLI's train --help
 from mindspeed_rl_r3.config import SECTIONS, ConfigError
 from mindspeed_rl_r3.integration.env import ENV_SECTIONS
+from mindspeed_rl_r3.patches import mindspeed_rl_entry
+from mindspeed_rl_r3.shipped_configs import shipped_configs_dir
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-UPSTREAM_ENTRY = "cli.train_grpo"
+REPO_CONFIGS = shipped_configs_dir()  # the repository's configs/, from a checkout or an installed wheel
 
 
 def compose_config(
@@ -40,7 +42,7 @@ def compose_config(
     Raises FileNotFoundError for a missing config, ConfigError (one line naming the file or override) for malformed
     YAML, a bad override, a non-mapping ``r3`` / ``aqn`` / ``lora_extras`` section or a missing hydra-core.
     """
-    from mindspeed_rl_r3.plan import compose_hydra
+    from mindspeed_rl_r3.planning.compose import compose_hydra
 
     directory = Path(config_path).resolve() if config_path is not None else REPO_CONFIGS
     name = config_name[: -len(".yaml")] if config_name.endswith(".yaml") else config_name
@@ -63,12 +65,9 @@ def split_sections(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
 def _runtime_env_file(path: str, config_dir: Path) -> Path:
     candidates = [Path(path)] if os.path.isabs(path) else [config_dir.parent / path, Path.cwd() / path]
     if not os.path.isabs(path):
-        try:
-            import mindspeed_rl
-
-            candidates.append(Path(mindspeed_rl.__file__).resolve().parent.parent / path)
-        except ImportError:
-            pass
+        checkout = mindspeed_rl_entry.checkout_dir()
+        if checkout is not None:
+            candidates.append(checkout / path)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -79,9 +78,7 @@ def upstream_configs(config: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     """MindSpeed-RL's own ``(RLConfig, actor MegatronConfig, GenerateConfig)`` of a config, built as
     ``cli/train_grpo.py::parse_training_config`` builds them (before its Ray-dependent ``validate_rl_args``)."""
     _import_upstream_entry()
-    from mindspeed_rl.config_cls.generate_config import GenerateConfig
-    from mindspeed_rl.config_cls.megatron_config import MegatronConfig
-    from mindspeed_rl.config_cls.rl_config import RLConfig
+    RLConfig, MegatronConfig, GenerateConfig = mindspeed_rl_entry.config_classes()
 
     section = upstream_config(config)
     megatron = MegatronConfig({**section.get("megatron_training"), **section.get("actor_config")}, section.get("model"))
@@ -111,6 +108,21 @@ def job_runtime_env(rl_config: Any, generate_config: Any, config_dir: Path) -> d
     return runtime_env
 
 
+def check_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, Any, Any]]:
+    """``(MindSpeed-RL part, our sections, (RLConfig, MegatronConfig, GenerateConfig))`` of a composed config.
+
+    The run's check, the one ``plan`` shares: the sections are validated, MindSpeed-RL builds its config objects
+    (its unknown-key ValueError), and :func:`mindspeed_rl_r3.config_rules.check` applies every rule; a refused
+    config raises ConfigError naming each broken rule. Starts nothing.
+    """
+    msrl_config, sections = split_sections(config)
+    upstream = upstream_configs(msrl_config)
+    problems = [f.message for f in config_rules.check(*upstream, sections) if f.severity == "error"]
+    if problems:
+        raise ConfigError(config_rules.refusal_message(problems))
+    return msrl_config, sections, upstream
+
+
 def prepare_job(
     config_name: str, config_path: str | None = None, overrides: Sequence[str] = ()
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -118,17 +130,12 @@ def prepare_job(
 
     Raises ConfigError / ValueError / FileNotFoundError for a config that cannot run, before anything starts.
     """
-    from mindspeed_rl_r3.config import load_sections
-    from mindspeed_rl_r3.integration.refusals import refusal_message, refusals
     from mindspeed_rl_r3.integration.settings import encode_sections
 
-    config = compose_config(config_name, config_path, overrides)
-    msrl_config, sections = split_sections(config)
-    rl_config, megatron_config, generate_config = upstream_configs(msrl_config)
+    msrl_config, sections, (rl_config, _, generate_config) = check_config(
+        compose_config(config_name, config_path, overrides)
+    )
     if sections:
-        problems = refusals(rl_config, megatron_config, generate_config, load_sections(sections))
-        if problems:
-            raise ConfigError(refusal_message(problems))
         os.environ[ENV_SECTIONS] = encode_sections(sections)
     else:
         os.environ.pop(ENV_SECTIONS, None)
@@ -150,11 +157,11 @@ def upstream_config(msrl_config: Mapping[str, Any]) -> Any:
 
 def _import_upstream_entry() -> Any:
     try:
-        return importlib.import_module(UPSTREAM_ENTRY)
+        return mindspeed_rl_entry.import_entry()
     except ImportError as err:
         raise ConfigError(
-            f"cannot import MindSpeed-RL's {UPSTREAM_ENTRY} ({err}): put the MindSpeed-RL checkout on PYTHONPATH "
-            "(or run from it)"
+            f"cannot import MindSpeed-RL's {mindspeed_rl_entry.ENTRY} ({err}): put the MindSpeed-RL checkout on "
+            "PYTHONPATH (or run from it)"
         ) from None
 
 
@@ -175,21 +182,6 @@ def run_job(msrl_config: Mapping[str, Any], runtime_env: Mapping[str, Any]) -> N
 def run_training(config_name: str, config_path: str | None = None, overrides: Sequence[str] = ()) -> None:
     """:func:`prepare_job` then :func:`run_job` (what ``mindspeed-rl-r3 train`` runs)."""
     run_job(*prepare_job(config_name, config_path, overrides))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The entry's options (also the CLI's ``train`` subcommand)."""
-    parser.add_argument("--config-name", "-cn", required=True, help="hydra config name (without .yaml)")
-    parser.add_argument("--config-path", "-cp", help=f"config directory (default {REPO_CONFIGS})")
-    parser.add_argument(
-        "--cpu-backend",
-        action="store_true",
-        help="run MindSpeed-RL on this machine's CPU with the stand-ins of mindspeed_rl_r3.patches.cpu_backend and "
-        "the pinned upstream sources ($MINDSPEED_RL_R3_UPSTREAM or ../shared/upstream); refused where torch_npu is "
-        "installed",
-    )
-    parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. rl_config.n_samples_per_prompt=4")
-    return parser
 
 
 def use_cpu_backend() -> None:

@@ -1,164 +1,18 @@
-"""The recorder under a simulated continuous-batching engine, against an oracle routing function.
-
-The simulated engine has a paged KV cache with prefix caching and LRU reuse of freed blocks, chunked prefill, a token
-budget, preemption with recompute, n > 1 samples per prompt, and graph padding of every step (padding rows carry
-garbage routing). The "model" routes token t at position p in layer l to ``oracle(t, p, l)``, so every assembled
-trace has one correct answer.
-"""
+"""The recorder under the simulated continuous-batching engine (tests/sim_engine.py), against the oracle routing:
+paged KV with prefix caching and LRU reuse, chunked prefill, a token budget, preemption, n > 1 samples, and graph
+padding of every step (padding rows carry garbage routing)."""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mindspeed_rl_r3.routing import MoEModelSpec
 from mindspeed_rl_r3.routing.capture import RoutingRecorder
-
-SPEC = MoEModelSpec(num_layers=3, topk=4, num_experts=16)
-BLOCK = 4
-STEPS = (1, 3, 5, 7, 9, 11, 13, 15)  # odd strides: k distinct ids modulo 16
-
-
-def oracle(tokens: torch.Tensor, positions: torch.Tensor, layer: int) -> torch.Tensor:
-    h = (tokens * 7919 + positions * 104729 + layer * 1299709) % 1000003
-    start = h % SPEC.num_experts
-    step = torch.tensor(STEPS)[(h // 16) % len(STEPS)]
-    return (start.unsqueeze(1) + step.unsqueeze(1) * torch.arange(SPEC.topk)) % SPEC.num_experts
-
-
-@dataclass
-class Request:
-    rid: str
-    tokens: list[int]
-    prompt_len: int
-    max_new: int
-    blocks: list[int] = field(default_factory=list)
-    computed: int = 0
-
-    @property
-    def done(self) -> bool:
-        return len(self.tokens) - self.prompt_len >= self.max_new
-
-
-class Engine:
-    def __init__(self, rng: random.Random, num_blocks: int, budget: int, graph_pad: int, preempt_p: float):
-        self.rng, self.budget, self.graph_pad, self.preempt_p = rng, budget, graph_pad, preempt_p
-        self.free = list(range(num_blocks))  # LRU order: reuse the oldest freed block first
-        self.ref = [0] * num_blocks
-        self.cache: dict[tuple[int, ...], int] = {}  # full-block prefix -> block
-        self.block_key: dict[int, tuple[int, ...]] = {}
-        self.num_slots = num_blocks * BLOCK
-        self.recorder = RoutingRecorder(SPEC, max_tokens=budget + graph_pad, num_slots=self.num_slots, block_size=BLOCK)
-        self.waiting: list[Request] = []
-        self.running: list[Request] = []
-        self.finished: list[Request] = []
-        self.just_finished: list[str] = []
-
-    def _take_block(self) -> int | None:
-        if not self.free:
-            return None
-        b = self.free.pop(0)
-        if b in self.block_key:  # evict the cached prefix this free block still held
-            del self.cache[self.block_key.pop(b)]
-        self.ref[b] = 1
-        return b
-
-    def _release(self, req: Request) -> None:
-        for b in req.blocks:
-            self.ref[b] -= 1
-            if self.ref[b] == 0:
-                self.free.append(b)
-        req.blocks = []
-
-    def _admit(self, req: Request) -> bool:
-        # Prefix-cache hits: full prompt blocks computed before, leaving at least one token to compute.
-        hits = []
-        for i in range((req.prompt_len - 1) // BLOCK):
-            b = self.cache.get(tuple(req.tokens[: (i + 1) * BLOCK]))
-            if b is None:
-                break
-            hits.append(b)
-        for b in hits:
-            if self.ref[b] == 0:
-                self.free.remove(b)
-            self.ref[b] += 1
-        req.blocks, req.computed = hits, len(hits) * BLOCK
-        return True
-
-    def _ensure_blocks(self, req: Request, upto: int) -> bool:
-        while len(req.blocks) * BLOCK < upto:
-            b = self._take_block()
-            if b is None:
-                return False
-            req.blocks.append(b)
-        return True
-
-    def _preempt(self, req: Request) -> None:
-        self.running.remove(req)
-        self._release(req)
-        req.computed = 0
-        self.waiting.insert(0, req)
-
-    def step(self) -> bool:
-        self.recorder.begin_step(self.just_finished)
-        self.just_finished = []
-        while self.waiting and len(self.running) < 6:
-            req = self.waiting.pop(0)
-            self._admit(req)
-            self.running.append(req)
-        if self.running and self.rng.random() < self.preempt_p:
-            self._preempt(self.rng.choice(self.running))
-        scheduled, budget = [], self.budget
-        for req in list(self.running):
-            if budget == 0:
-                break
-            todo = len(req.tokens) - req.computed
-            n = min(todo, budget, self.rng.randint(1, todo))  # random chunking of prefill
-            if not self._ensure_blocks(req, req.computed + n):
-                self._preempt(req)
-                continue
-            scheduled.append((req, n))
-            budget -= n
-        if not scheduled:
-            return bool(self.waiting or self.running)
-        tokens, positions, slots = [], [], []
-        for req, n in scheduled:
-            for p in range(req.computed, req.computed + n):
-                tokens.append(req.tokens[p])
-                positions.append(p)
-                slots.append(req.blocks[p // BLOCK] * BLOCK + p % BLOCK)
-        real = len(tokens)
-        padded = -(-real // self.graph_pad) * self.graph_pad
-        tok = torch.tensor(tokens + [0] * (padded - real))
-        pos = torch.tensor(positions + [0] * (padded - real))
-        for layer in range(SPEC.num_moe_layers):
-            ids = oracle(tok, pos, layer)
-            ids[real:] = torch.randint(0, SPEC.num_experts, (padded - real, SPEC.topk))  # garbage in padding rows
-            self.recorder.capture(layer, ids.to(torch.int32))
-        slot_mapping = torch.tensor(slots + [-1] * (padded - real))
-        for req, n in scheduled:
-            req.computed += n
-        self.recorder.end_step(real, slot_mapping, {req.rid: (req.blocks, req.computed) for req, _ in scheduled})
-        for req, _ in scheduled:
-            for i in range(req.computed // BLOCK):  # register completed blocks for prefix caching
-                key = tuple(req.tokens[: (i + 1) * BLOCK])
-                b = req.blocks[i]
-                if key not in self.cache and b not in self.block_key:
-                    self.cache[key], self.block_key[b] = b, key
-            if req.computed == len(req.tokens):  # everything fed: sample the next token
-                if req.done:
-                    self.running.remove(req)
-                    self._release(req)
-                    self.finished.append(req)
-                    self.just_finished.append(req.rid)
-                else:
-                    req.tokens.append(self.rng.randint(0, 50))
-        return True
+from tests.sim_engine import BLOCK, SPEC, Engine, add_requests, check_traces, run_to_completion
 
 
 @settings(max_examples=40, deadline=None)
@@ -172,27 +26,9 @@ class Engine:
 def test_assembled_traces_equal_the_oracle(seed, budget, graph_pad, preempt_p, num_blocks):
     rng = random.Random(seed)
     engine = Engine(rng, num_blocks, budget, graph_pad, preempt_p)
-    shared_prefix = [rng.randint(0, 50) for _ in range(rng.randint(0, 9))]
-    expected_prompts = {}
-    for parent in range(rng.randint(1, 4)):
-        prompt = shared_prefix + [rng.randint(0, 50) for _ in range(rng.randint(1, 12))]
-        for child in range(rng.randint(1, 3)):  # n samples per prompt, vLLM-style child ids
-            rid = f"{child}_{parent}"
-            engine.waiting.append(Request(rid, list(prompt), len(prompt), rng.randint(1, 8)))
-            expected_prompts[rid] = prompt
-    for _ in range(2000):
-        if not engine.step():
-            break
-    assert not engine.running and not engine.waiting, "simulation did not finish"
-    engine.recorder.finish_all()
-    for req in engine.finished:
-        trace = engine.recorder.pop_trace(req.rid, num_tokens=len(req.tokens), prompt_len=req.prompt_len)
-        assert trace.rows == len(req.tokens) - 1
-        assert not trace.missing().any()
-        tok = torch.tensor(req.tokens[:-1])
-        pos = torch.arange(len(req.tokens) - 1)
-        for layer in range(SPEC.num_moe_layers):
-            assert torch.equal(trace.ids[:, layer].long(), oracle(tok, pos, layer)), (req.rid, layer)
+    add_requests(engine, rng)
+    run_to_completion(engine)
+    check_traces(engine, engine.recorder)
 
 
 def test_unknown_request_and_oversized_steps_are_named():
@@ -201,5 +37,26 @@ def test_unknown_request_and_oversized_steps_are_named():
         recorder.pop_trace("x")
     with pytest.raises(ValueError, match="step has 5 tokens"):
         recorder.end_step(5, torch.arange(5))
+    with pytest.raises(ValueError, match="step has 5 tokens"):
+        recorder.begin_step(num_tokens=5)
     with pytest.raises(ValueError, match="decoder layer 9 has no router"):
         recorder.trace_layer(9)
+
+
+def test_a_step_whose_rows_the_forward_did_not_write_is_refused():
+    """begin_step marks the step's rows missing; rows the forward left so (stale under a graph without the write)
+    are refused, naming the decoder layers, instead of being stored as this step's routing."""
+    recorder = RoutingRecorder(SPEC, max_tokens=8, num_slots=16, block_size=BLOCK)
+    ids = torch.arange(SPEC.topk, dtype=torch.int32).expand(3, -1)
+    for layer in range(SPEC.num_moe_layers):
+        recorder.capture(layer, ids)  # a previous step's rows
+    recorder.begin_step(num_tokens=3)
+    recorder.capture(0, ids)
+    recorder.capture(2, ids[:2])
+    with pytest.raises(ValueError, match=r"step 0: 3 of 3 tokens have no routing in decoder layers \[1, 2\]"):
+        recorder.end_step(3, torch.arange(3))
+    recorder.begin_step(num_tokens=3)
+    for layer in range(SPEC.num_moe_layers):
+        recorder.capture(layer, ids[:2])
+    recorder.end_step(3, torch.tensor([0, 1, -1]))  # a padding slot (-1) may stay unwritten: never stored
+    assert torch.equal(recorder.host[:2].long(), ids[:2].unsqueeze(1).expand(-1, SPEC.num_moe_layers, -1).long())

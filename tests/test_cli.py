@@ -1,8 +1,27 @@
+import argparse
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from mindspeed_rl_r3.cli.main import TARGETS, main
+from mindspeed_rl_r3.cli.main import TARGETS, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What --help must not load: torch/numpy take seconds to import, the upstream frameworks may not be installed at all.
+HEAVY = ("torch", "numpy", "mindspeed", "mindspeed_llm", "mindspeed_rl", "megatron", "vllm", "vllm_ascend", "ray",
+         "transformers", "hydra", "omegaconf")  # fmt: skip
+
+
+def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """``(command path, parser)`` for the parser and every subcommand below it, e.g. ``(("bench", "routing"), ...)``."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*path, name))
 
 
 def test_bench_routing_json(capsys):
@@ -53,7 +72,7 @@ def test_plan_cli_accepts_the_shipped_config_and_rejects_tp3(capsys):
 
 
 def test_doctor_cli_json(capsys):
-    code = main(["doctor", "--json", "--profile", "cpu"])
+    code = main(["doctor", "--json", "--profile", "cpu", "--verbose"])  # every target, not only the problems
     report = json.loads(capsys.readouterr().out)
     assert code == (0 if report["ok"] else 1)
     assert {"name", "found", "compatible"} <= set(report["targets"][0])
@@ -82,3 +101,52 @@ def test_train_cli_rejects_an_unknown_config_before_starting_anything(capsys):
     pytest.importorskip("hydra")
     assert main(["train", "--config-name", "no_such_config"]) == 2
     assert "no_such_config" in capsys.readouterr().err
+
+
+def test_help_of_every_command_imports_no_heavy_module():
+    script = f"""
+import contextlib, io, json, sys
+from tests.test_cli import _commands
+from mindspeed_rl_r3.cli.main import build_parser
+shown = 0
+for path, _ in list(_commands(build_parser())):
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+        build_parser().parse_args([*path, "--help"])
+    shown += out.getvalue().startswith("usage: mindspeed-rl-r3")
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})
+print(json.dumps({{"shown": shown, "heavy": heavy}}))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["shown"] == len(list(_commands(build_parser())))
+    assert result["heavy"] == []
+
+
+def test_every_command_and_option_has_help():
+    missing = []
+    for path, parser in _commands(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                missing += [f"{' '.join(path)} {c.dest}" for c in action._choices_actions if not (c.help or "").strip()]
+            elif not (action.help or "").strip():
+                missing.append(f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+    assert missing == []
+
+
+def test_help_shows_defaults_but_not_empty_ones(capsys):
+    texts = {}
+    for path, _ in _commands(build_parser()):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*path, "--help"])
+        texts[path] = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "timed repetitions (best is reported) (default: 5)" in texts[("bench", "routing")]
+    assert "(default: 1000)" in texts[("gsm8k", "synth")]
+    assert "(default: auto)" in texts[("doctor",)]
+    assert not [path for path, text in texts.items() if "default: None" in text or "default: False" in text]
+
+
+def test_plan_help_names_the_shipped_configs(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    assert "grpo_qwen3_30b_a3b_lora_r3_aqn_12npu" in " ".join(capsys.readouterr().out.split())

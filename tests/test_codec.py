@@ -1,3 +1,6 @@
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -7,6 +10,7 @@ from mindspeed_rl_r3.routing import (
     MoEModelSpec,
     RoutingError,
     RoutingTrace,
+    codec,
     decode,
     decode_group,
     encode,
@@ -14,7 +18,7 @@ from mindspeed_rl_r3.routing import (
     encoded_words,
     payload_words,
 )
-from mindspeed_rl_r3.routing.codec import HEADER_WORDS
+from mindspeed_rl_r3.routing.codec import HEADER_WORDS, is_group_follower, is_payload, standalone_words
 from tests.routing_data import random_trace
 
 SPEC = MoEModelSpec(num_layers=4, topk=3, num_experts=16)
@@ -36,6 +40,8 @@ def test_round_trip_is_exact(rows, layers, topk, experts, prompt_len, missing, s
     payload = encode(trace)
     assert payload.dtype == torch.int32 and payload.dim() == 1
     assert payload.numel() == encoded_words(trace) == payload_words(payload)
+    assert payload.numel() == standalone_words(rows, MoEModelSpec(layers, topk, experts))
+    assert is_payload(payload) and not is_group_follower(payload)
     back = decode(payload)
     assert back.ids.dtype == trace.ids.dtype
     assert torch.equal(back.ids, trace.ids)
@@ -148,3 +154,58 @@ def test_extend_concatenates_partial_rollouts():
     assert torch.equal(joined.ids[10:], more.ids)
     with pytest.raises(RoutingError, match="continuation"):
         first.extend(random_trace(5, 4, 2, 16))
+
+
+def test_sniffing_tells_payloads_from_placeholders_and_padding():
+    payloads = encode_group(_group(prompt_len=8, n=3, response_lens=[4, 2, 6]), prompt_len=8)
+    width = max(p.numel() for p in payloads) + 4
+    column = torch.zeros(len(payloads), width, dtype=torch.int32)  # the dispatch's right-padded batch
+    for i, p in enumerate(payloads):
+        column[i, : p.numel()] = p
+    assert [is_payload(row) for row in column] == [True, True, True]
+    assert [is_group_follower(row) for row in column] == [False, True, True]
+    assert is_payload(column[:1]) and is_group_follower(column[1:2])  # a [1, words] row reads the same
+    assert [payload_words(row) for row in column] == [p.numel() for p in payloads]
+    for not_payload in (torch.tensor([-1]), torch.zeros(width, dtype=torch.int32), payloads[0][: HEADER_WORDS - 1]):
+        assert not is_payload(not_payload)
+    assert not is_group_follower(torch.tensor([-1]))
+
+
+def test_standalone_words_sizes_a_payload_before_it_exists():
+    spec = MoEModelSpec.qwen3_30b_a3b()
+    assert standalone_words(0, spec) == HEADER_WORDS
+    # 48 MoE layers x top-8 of 128 experts: one byte per id, 384 bytes = 96 words per row.
+    assert standalone_words(10, spec) == HEADER_WORDS + 10 * 96
+    wide = MoEModelSpec(num_layers=3, topk=3, num_experts=300)  # int16 ids, 18 bytes a row: padded to a word
+    assert standalone_words(3, wide) == encode(random_trace(3, 3, 3, 300)).numel() == HEADER_WORDS + 14
+    with pytest.raises(RoutingError, match="-1 rows"):
+        standalone_words(-1, spec)
+
+
+def _codec_names_used_outside_it() -> dict[str, set[str]]:
+    """For each package module but the codec: the codec names it imports, and the magic literal if it holds one."""
+    package = Path(codec.__file__).parents[1]
+    magic = {codec.MAGIC, codec.MAGIC - (1 << 32)}
+    found: dict[str, set[str]] = {}
+    for path in sorted(package.rglob("*.py")):
+        if path == Path(codec.__file__):
+            continue
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("routing.codec"):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "codec":
+                names.add(node.attr)
+            elif isinstance(node, ast.Constant) and node.value in magic and not isinstance(node.value, bool):
+                names.add(f"literal {node.value:#x}")
+        if names:
+            found[str(path.relative_to(package))] = names
+    return found
+
+
+def test_the_wire_format_stays_inside_the_codec():
+    public = set(codec.__all__)
+    assert all(name.islower() for name in public), "the codec's public API is functions, not header constants"
+    leaks = {module: names - public for module, names in _codec_names_used_outside_it().items() if names - public}
+    assert not leaks, f"modules reaching into the routing wire format: {leaks}"
+    assert "integration/feed.py" in _codec_names_used_outside_it()  # the scan sees the codec's real users

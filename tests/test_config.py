@@ -37,6 +37,9 @@ def test_absent_sections_mean_plain_mindspeed_rl():
         ({"lora_extras": {"router": True}}, "lora_extras: unknown keys"),
         ({"lora_extras": {"lora_router_trainable": 1}}, "must be true or false"),
         ({"r3": ["R3"]}, "r3: expected a mapping"),
+        ({"r3": {"replay_reference": "yes"}}, "r3.replay_reference must be true or false"),
+        ({"r3": {"alarm_overlap": 1.5}}, r"r3\.alarm_overlap must be null or a number in \[0, 1\]"),
+        ({"aqn": {"num_stages": 0}}, "aqn.num_stages must be an integer >= 1"),
     ],
 )
 def test_bad_values_name_section_and_key(config, message):

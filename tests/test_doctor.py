@@ -15,6 +15,7 @@ import pytest
 
 from mindspeed_rl_r3 import doctor
 from mindspeed_rl_r3.doctor import SourceIndex, check_target_in_source, format_doctor, package_version, run_doctor
+from mindspeed_rl_r3.doctoring import versions as doctor_versions
 from mindspeed_rl_r3.patches import PATCH_MODULES
 from mindspeed_rl_r3.patches.targets import PatchTarget
 
@@ -22,6 +23,7 @@ VLLM_TARGETS = (
     "vllm_ascend.ops.common_fused_moe.select_experts",
     "vllm_ascend.ops.common_fused_moe.AscendFusedMoE.forward_impl",
     "vllm_ascend.worker.model_runner_v1.NPUModelRunner.execute_model",
+    "vllm_ascend.worker.model_runner_v1.NPUModelRunner.capture_model",
 )
 
 
@@ -67,6 +69,9 @@ def _vllm_ascend_source(root: Path, *, good: bool) -> Path:
                     def execute_model({runner}):
                         raise NotImplementedError
 
+                    def capture_model(self):
+                        raise NotImplementedError
+
                 Base = _RunnerBase
 
                 class NPUModelRunner(Base):
@@ -106,9 +111,16 @@ def test_pinned_upstream_is_compatible(upstream_report):
     checked = {t["name"] for t in report["targets"] if t["kind"] == "target"}
     assert checked <= declared and {n for n in declared - checked if not n.startswith("megatron.")} == set()
     assert "mindspeed_rl.workers.reference_worker.ReferenceWorkerBase.compute_ref_log_prob" in declared
+    assert "vllm.model_executor.layers.fused_moe.layer.FusedMoE.forward_impl" in declared  # vllm_capture counts
     upstream = str(_upstream().resolve())
+    # vLLM itself is no upstream checkout: its targets are found only where vLLM is installed (.venv-upstream)
+    vllm_missing = {t.path for t in import_module("mindspeed_rl_r3.patches.vllm_capture").TARGETS}
+    vllm_missing = vllm_missing if report["versions"]["vllm"] is None else set()
     for target in report["targets"]:
         assert keys <= set(target) and target["kind"] == "target"
+        if target["name"] in vllm_missing:
+            assert not target["found"] and not target["required"], target
+            continue
         assert target["found"] and target["compatible"], target
         if target["name"].split(".")[0] in ("mindspeed_rl", "mindspeed", "mindspeed_llm", "vllm_ascend"):
             assert target["source"].startswith(f"upstream:{upstream}/"), target
@@ -118,7 +130,8 @@ def test_pinned_upstream_is_compatible(upstream_report):
     commits = {Path(u["dir"]).name: u["commit"][:8] for u in report["upstream"]}
     assert commits["MindSpeed-RL"] == "05a90d77" and commits["MindSpeed"] == "ac9f0e74"
     assert report["ok"] and report["profile"] == "npu" and report["diagnostics_failed"] == []
-    assert report["missing_required"] == [] and report["incompatible"] == [] and report["missing_optional"] == []
+    assert report["missing_required"] == [] and report["incompatible"] == []
+    assert set(report["missing_optional"]) == vllm_missing
     assert json.loads(json.dumps(report))["ok"] is True
 
 
@@ -139,6 +152,13 @@ def test_report_printing(upstream_report, capsys):
     text = format_doctor(upstream_report)
     assert "doctor ok" in text and "vllm_ascend_capture" in text and "torch_npu" in text
     assert "05a90d77cb6cfad8999e2aee21068284db959579" in text  # the MindSpeed-RL checkout's recorded commit
+    # the summary: one line per patch module with its counts, no per-target lines for targets that are fine
+    assert "\n  mindspeed_rl_worker" in text and f"{len(PATCH_MODULES)} " not in text.splitlines()[0]
+    assert "compute_ref_log_prob" not in text and "[ok]" not in text
+    verbose = format_doctor(upstream_report, verbose=True)
+    assert "[ok] mindspeed_rl.workers.reference_worker.ReferenceWorkerBase.compute_ref_log_prob" in verbose
+    assert len(verbose.splitlines()) > len(upstream_report["targets"]) > 2 * len(text.splitlines())
+    assert "doctor ok" in verbose and "05a90d77cb6cfad8999e2aee21068284db959579" in verbose
     out = io.StringIO()
     run_doctor([_upstream("vllm-ascend")], as_json=True, modules=["vllm_ascend_capture"], stream=out)
     assert json.loads(out.getvalue())["ok"] is True
@@ -182,6 +202,18 @@ def test_upstream_source_with_wrong_signatures(tmp_path):
     assert "('self', 'batch')" in by_name[VLLM_TARGETS[2]]["detail"]
     assert by_name[VLLM_TARGETS[1]]["compatible"]
     assert "INCOMPATIBLE" in format_doctor(report) and "doctor FAILED" in format_doctor(report)
+    summary = format_doctor(report)
+    # problems only: the incompatible targets with their details; the compatible one is only counted
+    assert "experts_selector.py:2" in summary and VLLM_TARGETS[1] not in summary
+    assert "vllm_ascend_capture" in summary and "2 INCOMPATIBLE" in summary
+    out = io.StringIO()
+    run_doctor([upstream / "vllm_ascend"], as_json=True, modules=["vllm_ascend_capture"], stream=out)
+    printed = json.loads(out.getvalue())
+    assert {t["name"] for t in printed["targets"]} == {VLLM_TARGETS[0], VLLM_TARGETS[2]}
+    assert printed["modules"]["vllm_ascend_capture"]["INCOMPATIBLE"] == 2
+    out = io.StringIO()
+    run_doctor([upstream / "vllm_ascend"], as_json=True, modules=["vllm_ascend_capture"], stream=out, verbose=True)
+    assert VLLM_TARGETS[1] in {t["name"] for t in json.loads(out.getvalue())["targets"]}
 
 
 def test_missing_targets_in_upstream(tmp_path):
@@ -251,7 +283,7 @@ def test_no_torch_npu_import_without_ascend_runtime(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     for var in ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME", "ASCEND_OPP_PATH"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(doctor, "_ASCEND_DIRS", ())
+    monkeypatch.setattr(doctor_versions, "ASCEND_DIRS", ())
     monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
     assert not doctor.import_is_safe("vllm_ascend") and doctor.import_is_safe("megatron")
     report = run_doctor(modules=["vllm_ascend_capture", "mindspeed_llm_router"], quiet=True)

@@ -7,6 +7,8 @@ import importlib.util
 import json
 import operator
 import re
+import sys
+import types
 from fractions import Fraction
 from pathlib import Path
 
@@ -204,6 +206,71 @@ def test_parquet(tmp_path):
     pq.write_table(pa.Table.from_pylist(synthetic_gsm8k(5, seed=3)), path)
     stats = convert_gsm8k(path, tmp_path / "out.jsonl")
     assert stats["written"] == 5 and stats["format"] == "parquet"
+
+
+def _parquet_bytes(tmp_path: Path) -> bytes:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.Table.from_pylist(synthetic_gsm8k(50, seed=1)), good)
+    return good.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda real: b"this is not parquet\x00\xff" * 40,
+        lambda real: real[: len(real) // 2],  # a download cut short: no footer
+        lambda real: real[:-12] + b"\x00" * 8 + real[-4:],  # footer length and contents zeroed
+        lambda real: b"",
+    ],
+    ids=["garbage", "truncated", "bad-footer", "empty"],
+)
+def test_a_corrupt_parquet_file_is_one_error_naming_it(tmp_path, damage):
+    path = tmp_path / "train.parquet"
+    path.write_bytes(damage(_parquet_bytes(tmp_path)))
+    for read in (read_gsm8k, lambda src: convert_gsm8k(src, tmp_path / "out.jsonl")):
+        with pytest.raises(GSM8KFormatError) as err:
+            read(path)
+        message = str(err.value)
+        assert str(path) in message and ("not a readable parquet file" in message or "is empty" in message)
+        assert "\n" not in message
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.fixture
+def failing_parquet_reader(monkeypatch):
+    """pyarrow stand-in whose reader fails the way a damaged file makes pyarrow fail, installed or not."""
+    parquet = types.ModuleType("pyarrow.parquet")
+
+    def read_table(path):
+        raise OSError(
+            "Couldn't deserialize thrift: TProtocolException: Invalid data\nDeserializing page header failed."
+        )
+
+    parquet.read_table = read_table
+    package = types.ModuleType("pyarrow")
+    package.parquet = parquet
+    monkeypatch.setitem(sys.modules, "pyarrow", package)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", parquet)
+
+
+def test_any_parquet_decoder_error_is_one_line_from_the_cli(tmp_path, capsys, failing_parquet_reader):
+    from mindspeed_rl_r3.cli.main import main
+
+    bad = tmp_path / "broken.parquet"
+    bad.write_bytes(b"PAR1 then nothing useful")
+    for argv, command in (
+        (["gsm8k", "convert", str(bad), str(tmp_path / "out.jsonl")], "gsm8k convert: "),
+        (["demo", "--data", str(bad), "--out", str(tmp_path / "demo")], "demo: --data: "),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [
+            f"{command}{bad} is not a readable parquet file (Couldn't deserialize thrift: TProtocolException: "
+            "Invalid data)"
+        ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.parquet"]
 
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}

@@ -5,76 +5,45 @@ imported, so this runs in the main test environment; tests/upstream imports the 
 where the upstream tree is absent (a user's clone); CI fails on such a skip.
 """
 
-import ast
 from pathlib import Path
 
 import pytest
 
 from mindspeed_rl_r3.autopatch import TARGET_MODULES
+from mindspeed_rl_r3.doctoring.source_index import SourceIndex, parameters
 from mindspeed_rl_r3.patches import cpu_backend, mindspeed_rl_integration
 
 ROOT = cpu_backend.upstream_root()
 SRC = str(ROOT / "MindSpeed-RL") if ROOT is not None else ""
+INDEX = SourceIndex([Path(SRC)]) if ROOT is not None else None
 pytestmark = [
     pytest.mark.upstream,
     pytest.mark.skipif(ROOT is None, reason="../shared/upstream (the pinned upstream sources) is absent"),
 ]
 
 
-def _module_tree(module: str) -> ast.Module:
-    path = Path(SRC) / (module.replace(".", "/") + ".py")
-    if not path.is_file():
-        pytest.fail(f"{module}: {path} does not exist in the checkout")
-    return ast.parse(path.read_text(encoding="utf-8"))
-
-
-def _split(target: str) -> tuple[str, list[str]]:
-    parts = target.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        if (Path(SRC) / ("/".join(parts[:cut]) + ".py")).is_file():
-            return ".".join(parts[:cut]), parts[cut:]
-    pytest.fail(f"no module file for {target} in {SRC}")
-
-
-def _names_bound(tree: ast.Module) -> dict[str, ast.AST]:
-    bound: dict[str, ast.AST] = {}
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef | ast.ClassDef):
-            bound[node.name] = node
-        elif isinstance(node, ast.ImportFrom):
-            for alias in node.names:
-                bound[alias.asname or alias.name] = node
-    return bound
-
-
-def _parameters(node: ast.FunctionDef) -> tuple[str, ...]:
-    args = node.args
-    return tuple(a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs])
-
-
 @pytest.mark.parametrize("target", mindspeed_rl_integration.TARGETS, ids=lambda t: t.path)
 def test_target_exists_with_expected_parameters(target):
-    module, attrs = _split(target.path)
-    node = _names_bound(_module_tree(module)).get(attrs[0])
-    assert node is not None, f"{target.path}: {attrs[0]} is not defined or imported in {module}"
-    if isinstance(node, ast.ImportFrom):
-        # A function bound by name (e.g. grpo_trainer_hybrid.put_prompts_experience): check where it is defined.
-        node = _names_bound(_module_tree(node.module)).get(attrs[0])
-        assert isinstance(node, ast.FunctionDef), f"{target.path}: imported {attrs[0]} is not a function"
-    for attr in attrs[1:]:
-        assert isinstance(node, ast.ClassDef), f"{target.path}: {attr} looked up on a non-class"
-        methods = {n.name: n for n in node.body if isinstance(n, ast.FunctionDef)}
-        assert attr in methods, f"{target.path}: {node.name} defines no {attr} (it must define it, not inherit it)"
-        node = methods[attr]
+    # PatchSet patches the class that defines a method: an inherited one would not be found there
+    found = INDEX.resolve(target.path, inherited=False)
+    assert not isinstance(found, str), f"{target.path}: {found}"
+    node, _path, is_method = found
     if target.parameters:
-        found = _parameters(node)
-        assert found[: len(target.parameters)] == target.parameters, f"{target.path}: parameters {found}"
+        found_params = parameters(node, is_method)
+        assert found_params[: len(target.parameters)] == target.parameters, f"{target.path}: parameters {found_params}"
+
+
+def test_source_index_refuses_inherited_methods():
+    """What the check above relies on: IntegratedWorker inherits generate_sequences, so it is refused there."""
+    inherited = "mindspeed_rl.workers.integrated_worker.IntegratedWorker.generate_sequences"
+    assert not isinstance(INDEX.resolve(inherited), str)
+    assert "does not define generate_sequences itself" in INDEX.resolve(inherited, inherited=False)
 
 
 def test_import_hook_covers_every_patched_module():
     assert sorted(TARGET_MODULES) == sorted(mindspeed_rl_integration.MODULE_PATCHES)
     for module in TARGET_MODULES:
-        _module_tree(module)
+        assert INDEX.module_file(module) is not None, f"{module} is not in {SRC}"
 
 
 def test_hard_coded_stage_columns_are_what_the_dispatch_patch_extends():

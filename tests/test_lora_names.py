@@ -83,9 +83,10 @@ def test_plan_rules():
     later = lora_moe_plan_problems(moe_tp_extend_ep=True, mindspeed_llm="later", **pinned)
     assert any("rejects LoRA with moe_tp_extend_ep" in p for p in later)
     no_extend = lora_moe_plan_problems(moe_tp_extend_ep=False, **pinned)
-    assert any("needs moe_tp_extend_ep" in p for p in no_extend)
+    assert any("accepts training EP > 1 only with moe_tp_extend_ep" in p for p in no_extend)
     assert any("never writes the expert weights" in p for p in no_extend)
     allgather = {**pinned, "moe_token_dispatcher_type": "allgather"}
-    assert any("'alltoall_seq'" in p for p in lora_moe_plan_problems(moe_tp_extend_ep=True, **allgather))
+    allgather_problems = lora_moe_plan_problems(moe_tp_extend_ep=True, **allgather)
+    assert any("requires moe_token_dispatcher_type: alltoall_seq" in p for p in allgather_problems)
     router = lora_moe_plan_problems(moe_tp_extend_ep=True, lora_router_trainable=True, lora_ckpt_filter=True, **pinned)
     assert any("lora_ckpt_filter" in p for p in router)

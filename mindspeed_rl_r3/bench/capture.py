@@ -2,7 +2,8 @@
 
 The model is random-weight Qwen3-MoE (8 layers, hidden 256, 64 experts, top-8), sampling a batch of prompts, through
 transformers (``--engine hf``) or the real vLLM engine (``--engine vllm``: vLLM 0.11 on the CPU, in-process, the
-package's :mod:`~mindspeed_rl_r3.patches.vllm_capture` adapter; runs in the upstream test environment). Runs with
+package's :mod:`~mindspeed_rl_r3.patches.vllm_capture` adapter; runs in the upstream test environment), or, with
+``--engine graph``, the in-graph cost under graph replay (:mod:`~mindspeed_rl_r3.bench.capture_graph`). Runs with
 and without capture alternate, and the best of each is compared. The capture hot path is also run under a dispatch
 mode that counts host-synchronising operations: the recorder's ``capture`` in every MoE layer, and with vLLM the
 whole wrapper (selector + write) on a real layer.
@@ -63,6 +64,10 @@ def run_capture_bench(cfg: CaptureBenchConfig | None = None) -> dict:
     cfg = cfg or CaptureBenchConfig()
     if cfg.engine == "vllm":
         return run_vllm_capture_bench(cfg)
+    if cfg.engine == "graph":
+        from mindspeed_rl_r3.bench.capture_graph import GraphCaptureBenchConfig, run_graph_capture_bench
+
+        return run_graph_capture_bench(GraphCaptureBenchConfig(repeats=cfg.repeats, seed=cfg.seed))
     model = _model(cfg)
     spec = spec_of(model)
     prompts = torch.randint(1, 1024, (cfg.batch, cfg.prompt_len), generator=torch.Generator().manual_seed(cfg.seed))

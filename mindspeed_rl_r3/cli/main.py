@@ -173,7 +173,7 @@ def _doctor(args: argparse.Namespace) -> int:
     from mindspeed_rl_r3.doctor import run_doctor
 
     try:
-        report = run_doctor(args.upstream, as_json=args.json, profile=args.profile)
+        report = run_doctor(args.upstream, as_json=args.json, profile=args.profile, verbose=args.verbose)
     except (FileNotFoundError, ValueError) as err:
         print(f"doctor: {err}", file=sys.stderr)
         return 2
@@ -214,79 +214,111 @@ def _gsm8k(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mindspeed-rl-r3", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _train(args: argparse.Namespace) -> int:
+    from mindspeed_rl_r3.train import run_from_args  # imports torch: only once the command runs
 
-    bench = commands.add_parser("bench", help="measure speed and size against a baseline in the same run")
-    suites = bench.add_subparsers(dest="suite", required=True)
+    return run_from_args(args)
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from mindspeed_rl_r3.apply import run_from_args
+
+    return run_from_args(args)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, unless there is none to show (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _command(commands: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line. Building it (and ``--help``) imports neither torch nor an upstream framework: every
+    command imports what it needs when it runs."""
+    from mindspeed_rl_r3.apply import add_arguments as add_apply_arguments
+    from mindspeed_rl_r3.cli.train_options import add_arguments as add_train_arguments
+    from mindspeed_rl_r3.shipped_configs import shipped_config_names
+
+    description = "Rollout routing replay (R3), adaptive quantization noise (AQN) and LoRA for MindSpeed-RL GRPO."
+    parser = argparse.ArgumentParser(prog="mindspeed-rl-r3", description=description, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    bench = _command(commands, "bench", "measure speed and size against a baseline in the same run")
+    suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
     for name, (help_text, _, repeats) in SUITES.items():
-        suite = suites.add_parser(name, help=help_text)
+        suite = _command(suites, name, help_text)
         suite.add_argument("--json", action="store_true", help="print one JSON object")
         suite.add_argument("--repeats", type=int, default=repeats, help="timed repetitions (best is reported)")
-        suite.add_argument("--seed", type=int, default=0)
+        suite.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
         if name == "capture":
             suite.add_argument(
                 "--engine",
-                choices=("hf", "vllm"),
+                choices=("hf", "vllm", "graph"),
                 default="hf",
-                help="transformers generate, or the real vLLM engine (vLLM 0.11 on the CPU: the upstream environment)",
+                help="transformers generate, the real vLLM engine (vLLM 0.11 on the CPU: the upstream environment), or "
+                "the in-graph cost under graph replay (a decode graph of MoE layers, CPU graph stand-in)",
             )
         suite.set_defaults(run=_bench)
 
-    demo = commands.add_parser("demo", help="the CPU reference pipeline: GRPO + R3 + AQN + LoRA on a tiny Qwen3-MoE")
+    demo = _command(commands, "demo", "the CPU reference pipeline: GRPO + R3 + AQN + LoRA on a tiny Qwen3-MoE")
     demo.add_argument("--compare", action="store_true", help="run R3 off, then on, from the same seed and weights")
-    demo.add_argument("--steps", type=int, default=4)
+    demo.add_argument("--steps", type=int, default=4, help="GRPO steps per run")
     demo.add_argument("--prompts", type=int, default=8, help="prompts per step")
     demo.add_argument("--group-size", type=int, default=4, help="samples per prompt (GRPO n)")
-    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--max-new-tokens", type=int, default=48, help="longest response the rollout generates")
     demo.add_argument("--data", help="GSM8K jsonl/parquet (default: built-in GSM8K-format problems)")
     demo.add_argument("--out", default="demo_out", help="folder for demo.json and the PNG plots")
     demo.add_argument("--no-aqn", action="store_true", help="rollout without adaptive quantization noise")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the model weights, data order and sampling")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
 
-    doctor = commands.add_parser("doctor", help="installed versions and every patch target: found, compatible")
+    doctor = _command(commands, "doctor", "installed versions and every patch target: found, compatible")
     doctor.add_argument("--upstream", action="append", default=[], metavar="DIR", help="upstream source checkout")
     doctor.add_argument("--json", action="store_true", help="print one JSON object")
     doctor.add_argument("--profile", choices=("auto", "npu", "cpu"), default="auto", help="which targets are required")
+    doctor.add_argument("--verbose", "-v", action="store_true", help="every target, not only a summary and problems")
     doctor.set_defaults(run=_doctor)
 
-    plan = commands.add_parser("plan", help="check a config's parallel layout and estimate memory per NPU")
-    plan.add_argument("config", help="a config name in configs/ or a yaml path")
+    plan = _command(commands, "plan", "check a config's parallel layout and estimate memory per NPU")
+    shipped = ", ".join(shipped_config_names())
+    plan.add_argument("config", help=f"a yaml path, or the name of a shipped config ({shipped})")
     plan.add_argument("overrides", nargs="*", help="hydra overrides, e.g. actor_config.tensor_model_parallel_size=2")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.add_argument("--npus", type=int, help="NPUs in the job (default: from the config)")
-    plan.add_argument("--nnodes", type=int)
-    plan.add_argument("--npu-memory-gib", type=float, default=64.0)
+    plan.add_argument("--nnodes", type=int, help="nodes in the job (default: from the config)")
+    plan.add_argument("--npu-memory-gib", type=float, default=64.0, help="HBM per NPU in GiB")
     plan.set_defaults(run=_plan)
 
-    from mindspeed_rl_r3 import apply as apply_module
-    from mindspeed_rl_r3 import train as train_module
+    train = _command(commands, "train", "MindSpeed-RL GRPO with R3 / AQN / LoRA fixes in every Ray worker")
+    add_train_arguments(train)
+    train.set_defaults(run=_train)
 
-    train = commands.add_parser("train", help="MindSpeed-RL GRPO with R3 / AQN / LoRA fixes in every Ray worker")
-    train_module.add_arguments(train)
-    train.set_defaults(run=train_module.run_from_args)
+    apply = _command(commands, "apply", "make an existing MindSpeed-RL installation load the patches (--undo)")
+    add_apply_arguments(apply)
+    apply.set_defaults(run=_apply)
 
-    apply = commands.add_parser("apply", help="make an existing MindSpeed-RL installation load the patches (--undo)")
-    apply_module.add_arguments(apply)
-    apply.set_defaults(run=apply_module.run_from_args)
-
-    gsm8k = commands.add_parser("gsm8k", help="GSM8K data for MindSpeed-RL")
-    actions = gsm8k.add_subparsers(dest="action", required=True)
-    convert = actions.add_parser("convert", help="GSM8K jsonl/parquet -> MindSpeed-RL dataset input")
-    convert.add_argument("src")
-    convert.add_argument("dst")
-    convert.add_argument("--instruction")
-    convert.add_argument("--limit", type=int)
+    gsm8k = _command(commands, "gsm8k", "GSM8K data for MindSpeed-RL")
+    actions = gsm8k.add_subparsers(dest="action", required=True, metavar="ACTION")
+    convert = _command(actions, "convert", "GSM8K jsonl/parquet -> MindSpeed-RL dataset input")
+    convert.add_argument("src", help="GSM8K jsonl, json or parquet file (question / answer rows)")
+    convert.add_argument("dst", help="jsonl file to write (problem / answer rows, MindSpeed-RL's preprocess input)")
+    convert.add_argument("--instruction", help="a line appended to every problem (default: none)")
+    convert.add_argument("--limit", type=int, help="convert at most this many rows (default: all)")
     convert.add_argument("--skip-invalid", action="store_true", help="drop malformed rows instead of failing")
-    synth = actions.add_parser("synth", help="write built-in GSM8K-format problems")
-    synth.add_argument("dst")
-    synth.add_argument("--n", type=int, default=1000)
-    synth.add_argument("--seed", type=int, default=0)
+    synth = _command(actions, "synth", "write built-in GSM8K-format problems")
+    synth.add_argument("dst", help="GSM8K-format jsonl file to write (question / answer rows)")
+    synth.add_argument("--n", type=int, default=1000, help="number of problems")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the generated problems")
     for sub in (convert, synth):
         sub.set_defaults(run=_gsm8k)
     return parser

@@ -376,22 +376,30 @@ def _record_fields(record: Any, where: str) -> tuple[str, str]:
     )
 
 
-def _parquet_rows(path: Path) -> list[dict]:
+def _read_parquet(path: Path) -> list[dict]:
     try:
         import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
     except ImportError:
-        pass
-    try:
-        import pandas as pd
+        import pandas as pd  # an ImportError here means neither reader is installed
 
         return pd.read_parquet(path).to_dict(orient="records")
+    return pq.read_table(path).to_pylist()
+
+
+def _parquet_rows(path: Path) -> list[dict]:
+    """Every row of a parquet file; a file the reader cannot decode is one :class:`GSM8KFormatError` naming it."""
+    try:
+        return _read_parquet(path)
     except ImportError:
         raise GSM8KFormatError(
             f"{path}: reading parquet needs pyarrow or pandas and neither is importable; "
             "install one (pip install pyarrow) or pass the GSM8K jsonl instead"
         ) from None
+    except PermissionError:
+        raise
+    except Exception as err:  # a decoder on damaged bytes raises its own types (ArrowInvalid, OSError, thrift, ...)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise GSM8KFormatError(f"{path} is not a readable parquet file ({reason})") from None
 
 
 def _json_error(where: str, err: json.JSONDecodeError) -> GSM8KFormatError:

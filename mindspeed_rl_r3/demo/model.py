@@ -1,6 +1,6 @@
 """The demo's tiny Qwen3-MoE, built identically as a transformers model (rollout) and a Megatron GPTModel (trainer).
 
-Settings follow ``shared/reference/demo-calibration.md`` size A (hidden 128, 4 layers, 4 query / 2 KV heads,
+Settings are the smallest calibrated size, documented in ``docs/demo.md`` (hidden 128, 4 layers, 4 query / 2 KV heads,
 16 experts, top-4) with expert ``down_proj`` x3 and ``lm_head`` x10 after the default init. Why: only the rollout's
 reduced precision creates routing flips, and R3's benefit grows with how much the MoE output matters to the residual
 stream; at default init the experts barely matter (R3 cuts k3 to 0.6-0.8x), with experts x3, closer to a trained

@@ -14,12 +14,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from mindspeed_rl_r3.routing.codec import decode, decode_group, encode
+from mindspeed_rl_r3.routing.codec import decode, decode_group, encode, is_group_follower
 from mindspeed_rl_r3.routing.trace import MoEModelSpec, RoutingError, RoutingTrace, validate_trace
-
-# Header word and flag of routing.codec that mark a payload storing its prompt rows with its group leader.
-_FLAGS_WORD = 2
-SHARED_FLAG = 8
 
 
 def _rows(column: torch.Tensor) -> torch.Tensor:
@@ -35,7 +31,7 @@ def expand_group_payloads(column: torch.Tensor, pad_value: int = 0) -> torch.Ten
     Raises naming the sample when a follower's leader is not in the batch (the dispatch split a GRPO group).
     """
     rows = _rows(column)
-    if not bool((rows[:, _FLAGS_WORD] & SHARED_FLAG).any()):
+    if not any(is_group_follower(row) for row in rows):
         return None
     try:
         traces = decode_group(list(rows), allow_trailing_padding=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mindspeed_rl_r3.routing.codec import HEADER_WORDS, MAGIC, decode, encode, encode_group
+from mindspeed_rl_r3.routing.codec import decode, encode, encode_group
 from mindspeed_rl_r3.routing.trace import RoutingError, RoutingTrace, token_fingerprint
 
 # A partial-rollout sample that has no generated segment yet holds this one-word placeholder in both columns, so
@@ -191,9 +191,3 @@ def _encode_all(
         else:
             payloads += [encode(t) for t in traces[group]]
     return payloads
-
-
-def looks_like_payload(row: torch.Tensor) -> bool:
-    """Whether a (padded) column row starts with a routing payload header."""
-    flat = row.reshape(-1)
-    return flat.numel() >= HEADER_WORDS and (int(flat[0]) & 0xFFFFFFFF) == MAGIC

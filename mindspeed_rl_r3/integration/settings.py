@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mindspeed_rl_r3.config import SECTIONS, ConfigError, IntegrationConfig, load_sections
+from mindspeed_rl_r3.config_rules import R2_UNSUPPORTED
 from mindspeed_rl_r3.integration.env import ENV_CONFIG_FILE, ENV_DISABLE, ENV_SECTIONS
 from mindspeed_rl_r3.replay.state import ReplayMode
 
@@ -124,10 +125,7 @@ class ColumnPlan:
     @classmethod
     def from_config(cls, config: IntegrationConfig) -> ColumnPlan:
         if config.r3.replay.mode is ReplayMode.R2:
-            raise ConfigError(
-                "r3.mode R2 is not supported through MindSpeed-RL: its update dispatch regroups samples after the "
-                "old-log-prob forward that R2 records; use mode R3 (or R2 in the CPU demo)"
-            )
+            raise ConfigError(R2_UNSUPPORTED)  # the driver refuses it first (config_rules); a foreign driver here
         return cls(routed_experts=config.r3.capture, replay_reference=config.r3.replay.replay_reference)
 
     def transfer_dock_columns(self) -> list[str]:

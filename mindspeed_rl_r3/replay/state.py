@@ -20,15 +20,10 @@ from enum import Enum
 import torch
 
 from mindspeed_rl_r3.replay.metrics import AlignmentStats, LayerAlignment, alignment_metrics, default_alarm_overlap
+from mindspeed_rl_r3.replay.modes import ReplayConfig, ReplayMode
 from mindspeed_rl_r3.replay.router import replay_select
 from mindspeed_rl_r3.routing.layout import ReplayBatch
 from mindspeed_rl_r3.routing.trace import RoutingError
-
-
-class ReplayMode(str, Enum):
-    DISABLED = "disabled"
-    R2 = "R2"  # record routing in the old-log-prob forward, replay it in every update mini-batch
-    R3 = "R3"  # replay the rollout's routing in the old-log-prob forward and in every update mini-batch
 
 
 class RouterAction(Enum):
@@ -61,39 +56,6 @@ def action_for(config: ReplayConfig, stage: str) -> RouterAction:
 
 class MisalignedRoutingError(RoutingError):
     """Replayed routing agrees with the live router no better than chance: it belongs to other tokens."""
-
-
-@dataclass(frozen=True)
-class ReplayConfig:
-    """The ``r3:`` settings that the training side reads.
-
-    ``aux_loss_routing``: whether the load-balancing loss counts the replayed selection or the one the live router
-    would make. Default ``native``: the loss shapes the router's own preferences, as Megatron 0.16's built-in replay
-    does; ``replayed`` (counts the experts that really process the tokens) is available on megatron-core 0.12.x.
-    """
-
-    mode: ReplayMode = ReplayMode.DISABLED
-    replay_reference: bool = False
-    aux_loss_routing: str = "native"
-    on_misaligned: str = "raise"
-    alarm_overlap: float | None = None
-    alarm_min_rows: int = 64
-
-    def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "mode", ReplayMode(self.mode))
-        except ValueError:
-            choices = [m.value for m in ReplayMode]
-            raise RoutingError(f"r3.mode must be one of {choices}, got {self.mode!r}") from None
-        if self.aux_loss_routing not in ("native", "replayed"):
-            raise RoutingError(f"r3.aux_loss_routing must be 'native' or 'replayed', got {self.aux_loss_routing!r}")
-        if self.on_misaligned not in ("raise", "warn"):
-            raise RoutingError(f"r3.on_misaligned must be 'raise' or 'warn', got {self.on_misaligned!r}")
-        if self.alarm_overlap is not None and not 0.0 <= self.alarm_overlap <= 1.0:
-            raise RoutingError(f"r3.alarm_overlap must be in [0, 1], got {self.alarm_overlap}")
-        rows = self.alarm_min_rows
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
-            raise RoutingError(f"r3.alarm_min_rows must be an integer >= 0, got {rows!r}")
 
 
 def _in_autograd_backward() -> bool:

@@ -1,12 +1,15 @@
 """Engine-agnostic routing capture for the rollout engine.
 
-Hot path (inside every MoE layer's forward): :meth:`RoutingRecorder.capture` writes the layer's top-k ids into a
-preallocated device buffer ``[layers, max_tokens, k]`` by slice assignment. No ``.item()``, ``.cpu()``, list append or
-data-dependent branch, so a captured ACL/CUDA graph replays the same write into the same static buffer.
+Hot path (inside every MoE layer's forward): :func:`record` writes the layer's top-k ids into a preallocated device
+buffer ``[layers, max_tokens, k]`` by slice assignment. No ``.item()``, ``.cpu()``, list append or data-dependent
+branch, so a captured ACL/CUDA graph replays the same write into the same static buffer. The slice length is the
+forward's (padded) token count, which a captured graph fixes together with its batch size.
 
-Step boundary (host side, outside the graph): :meth:`RoutingRecorder.end_step` copies the rows of the step's real
-tokens (padding dropped) into a host store indexed by KV-cache slot, with one device-to-host copy. Keying by slot
-makes every engine feature come out right without special cases:
+Step boundary (host side, outside the graph): :meth:`RoutingRecorder.begin_step` fills the step's rows with the
+missing value, so a forward that did not write them (a graph captured without the write, or writing into another
+buffer) cannot pass off the previous step's rows as this one's: :meth:`RoutingRecorder.end_step` refuses the step.
+It then copies the rows of the step's real tokens (padding dropped) into a host store indexed by KV-cache slot, with
+one device-to-host copy. Keying by slot makes every engine feature come out right without special cases:
 
 * chunked prefill: each chunk writes its own positions' slots;
 * preemption with recompute: the recomputed tokens write their (new) slots again, overwriting;
@@ -36,8 +39,23 @@ class _RequestBlocks:
     num_computed: int
 
 
+def capture_buffer(spec: MoEModelSpec, max_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The device buffer the MoE layers write into: ``[moe layers, max_tokens, k]`` in the trace dtype."""
+    shape = (spec.num_moe_layers, max_tokens, spec.topk)
+    return torch.full(shape, missing_value(spec.dtype), dtype=spec.dtype, device=device)
+
+
+def record(buffer: torch.Tensor, layer: int, topk_ids: torch.Tensor) -> None:
+    """The hot-path write: ``topk_ids [tokens, k]`` into rows ``0..tokens-1`` of trace layer ``layer``."""
+    buffer[layer, : topk_ids.shape[0]] = topk_ids
+
+
 class RoutingRecorder:
-    """Records the top-k logical expert ids of every computed token, per MoE layer, keyed by KV slot."""
+    """Records the top-k logical expert ids of every computed token, per MoE layer, keyed by KV slot.
+
+    ``buffer`` (from :func:`capture_buffer`) is the device buffer to read steps from; pass the one captured graphs
+    write into. Without it the recorder allocates its own.
+    """
 
     def __init__(
         self,
@@ -47,12 +65,20 @@ class RoutingRecorder:
         num_slots: int,
         block_size: int,
         device: torch.device | str = "cpu",
+        buffer: torch.Tensor | None = None,
     ) -> None:
         self.spec = spec
         self.block_size = block_size
         self.sentinel = missing_value(spec.dtype)
-        shape = (spec.num_moe_layers, max_tokens, spec.topk)
-        self.buffer = torch.full(shape, self.sentinel, dtype=spec.dtype, device=device)
+        if buffer is None:
+            buffer = capture_buffer(spec, max_tokens, device)
+        expected = (spec.num_moe_layers, spec.topk)
+        if (buffer.shape[0], buffer.shape[2]) != expected or buffer.shape[1] < max_tokens or buffer.dtype != spec.dtype:
+            raise RoutingError(
+                f"capture buffer {tuple(buffer.shape)} {buffer.dtype} cannot serve {spec.num_moe_layers} MoE layers, "
+                f"top-{spec.topk}, {max_tokens} tokens a step in {spec.dtype}"
+            )
+        self.buffer = buffer
         host = torch.full((num_slots, spec.num_moe_layers, spec.topk), self.sentinel, dtype=spec.dtype)
         self.host = host.pin_memory() if torch.device(device).type == "cuda" else host
         self._layer_of = {hf: j for j, hf in enumerate(spec.moe_layers)}
@@ -63,7 +89,7 @@ class RoutingRecorder:
     # -- hot path ----------------------------------------------------------------------------------------------------
     def capture(self, layer: int, topk_ids: torch.Tensor) -> None:
         """Store ``topk_ids [tokens, k]`` (logical ids) of trace layer ``layer`` for the current step."""
-        self.buffer[layer, : topk_ids.shape[0]] = topk_ids
+        record(self.buffer, layer, topk_ids)
 
     def trace_layer(self, hf_layer_index: int) -> int:
         """Trace layer of an HF/vLLM decoder-layer index (resolved once, when an adapter binds a layer)."""
@@ -75,10 +101,15 @@ class RoutingRecorder:
             ) from None
 
     # -- step boundaries (host side) ---------------------------------------------------------------------------------
-    def begin_step(self, finished_request_ids: Iterable[str] = ()) -> None:
-        """Before a real step: take the rows of requests that finished, before their blocks are written again."""
+    def begin_step(self, finished_request_ids: Iterable[str] = (), num_tokens: int | None = None) -> None:
+        """Before a real step: take the rows of requests that finished, before their blocks are written again, and
+        mark the step's ``num_tokens`` rows missing so that :meth:`end_step` sees which ones the forward wrote."""
         for req_id in finished_request_ids:
             self.finish(req_id)
+        if num_tokens is not None:
+            if num_tokens > self.buffer.shape[1]:
+                raise RoutingError(f"step has {num_tokens} tokens, the capture buffer holds {self.buffer.shape[1]}")
+            self.buffer[:, :num_tokens].fill_(self.sentinel)  # a device memset, outside any captured graph
 
     def end_step(
         self,
@@ -98,7 +129,16 @@ class RoutingRecorder:
         keep = slots >= 0
         if slots.numel() and int(slots.max()) >= self.host.shape[0]:
             raise RoutingError(f"slot {int(slots.max())} is outside the {self.host.shape[0]} slots of the host store")
-        self.host[slots[keep]] = rows[keep]
+        real = rows[keep]
+        unwritten = (real == self.sentinel).any(dim=2)  # [tokens, layers]: a real top-k id is never the sentinel
+        if bool(unwritten.any()):
+            layers = [self.spec.moe_layers[j] for j in unwritten.any(dim=0).nonzero().flatten().tolist()]
+            raise RoutingError(
+                f"step {self.steps}: {int(unwritten.any(dim=1).sum())} of {real.shape[0]} tokens have no routing in "
+                f"decoder layers {layers}: the MoE forward did not write the capture buffer (a graph captured before "
+                "the capture was installed, or one writing into another buffer); refusing to record stale rows"
+            )
+        self.host[slots[keep]] = real
         for req_id, (block_ids, num_computed) in (requests or {}).items():
             self._requests[req_id] = _RequestBlocks(list(block_ids), int(num_computed))
         self.steps += 1

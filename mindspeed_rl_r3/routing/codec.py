@@ -44,14 +44,23 @@ _FLAG_PROMPT_LEN = 2
 _FLAG_TOKEN_HASH = 4
 _FLAG_SHARED_PROMPT = 8
 _KNOWN_FLAGS = _FLAG_INT16 | _FLAG_PROMPT_LEN | _FLAG_TOKEN_HASH | _FLAG_SHARED_PROMPT
-# integration/feed.py restates these two (word 2 holds the flags, 8 marks a group follower); keep them in place.
-FLAGS_WORD = 2
-SHARED_PROMPT_FLAG = _FLAG_SHARED_PROMPT
 
 (_MAGIC, _VERSION, _FLAGS, _LAYERS, _TOPK, _EXPERTS, _ROWS, _PROMPT_LEN, _TOKEN_HASH, _BODY_BYTES, _SHARED_ROWS,
  _LEADER_OFFSET, _EXCEPTIONS, _LAYOUT, _LEADER_HASH_LO, _LEADER_HASH_HI, _HEADER_CRC, _BODY_HASH_LO,
  _BODY_HASH_HI) = range(HEADER_WORDS)  # fmt: skip
-assert _FLAGS == FLAGS_WORD
+
+# The wire format (the constants above) stays in this module: other modules ask these functions, never a header word.
+__all__ = [
+    "decode",
+    "decode_group",
+    "encode",
+    "encode_group",
+    "encoded_words",
+    "is_group_follower",
+    "is_payload",
+    "payload_words",
+    "standalone_words",
+]
 
 
 def _i32(value: int) -> int:
@@ -161,6 +170,15 @@ def encode(trace: RoutingTrace, *, spec: MoEModelSpec | None = None) -> torch.Te
 def encoded_words(trace: RoutingTrace) -> int:
     """Length in int32 words of ``encode(trace)``, without encoding."""
     return HEADER_WORDS + (trace.ids.numel() * trace.ids.element_size() + 3) // 4
+
+
+def standalone_words(rows: int, spec: MoEModelSpec) -> int:
+    """Length in int32 words of a standalone (not group-deduplicated) payload of ``rows`` rows of ``spec``'s
+    routing, e.g. to size a column before any trace exists."""
+    if rows < 0:
+        raise RoutingError(f"a routing payload cannot hold {rows} rows")
+    body_bytes = rows * spec.num_moe_layers * spec.topk * spec.dtype.itemsize
+    return HEADER_WORDS + (body_bytes + 3) // 4
 
 
 class _Payload:
@@ -302,9 +320,19 @@ def payload_words(tensor: torch.Tensor) -> int:
     return HEADER_WORDS + (nbytes + 3) // 4
 
 
+def is_payload(row: torch.Tensor) -> bool:
+    """Whether a (padded) column row starts with a routing payload header: long enough and the magic word first.
+
+    A cheap sniff (e.g. to tell a payload from a placeholder); only :func:`decode` checks the payload itself.
+    """
+    flat = row.reshape(-1)
+    return flat.numel() >= HEADER_WORDS and _u32(int(flat[_MAGIC])) == MAGIC
+
+
 def is_group_follower(tensor: torch.Tensor) -> bool:
     """Whether a payload (or padded row) stores its prompt rows with its group leader; reads the flags word only."""
-    return tensor.numel() > FLAGS_WORD and bool(int(tensor[FLAGS_WORD]) & SHARED_PROMPT_FLAG)
+    flat = tensor.reshape(-1)
+    return flat.numel() > _FLAGS and bool(int(flat[_FLAGS]) & _FLAG_SHARED_PROMPT)
 
 
 def decode(

@@ -21,7 +21,7 @@ def reset_integration() -> None:
 
     mindspeed_rl_integration.undo()
     vllm_ascend_capture.undo()
-    vllm_ascend_capture.CaptureSession.stop()
+    vllm_ascend_capture.CaptureSession.release()
     mindspeed_rl_rollout._capture_installed.clear()
     autopatch.uninstall()
     runtime.deactivate()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mindspeed_rl_r3.config import ConfigError, load_sections
-from mindspeed_rl_r3.integration.refusals import refusals
+from mindspeed_rl_r3.config_rules import refusals
 from mindspeed_rl_r3.routing import RoutingError
 
 AQN_ONLY = {"aqn": {"enabled": True, "num_stages": 2, "sigma_start": 0.05, "sigma_end": 0.01}}
@@ -22,7 +22,8 @@ def _configs(rl: dict[str, Any], generate: dict[str, Any] | None = None) -> tupl
     from mindspeed_rl.config_cls.rl_config import RLConfig
 
     megatron = MegatronConfig({"stage": "ray_grpo", "num_layers": 2, "num_experts": 8, "moe_router_topk": 2}, {})
-    return RLConfig(rl), megatron, GenerateConfig(generate or {})
+    # infer TP 1 (MindSpeed-RL's default is 8): an expert group of one NPU needs no moe_tp_extend_ep to sync experts
+    return RLConfig(rl), megatron, GenerateConfig({"infer_tensor_parallel_size": 1, **(generate or {})})
 
 
 def _actor_worker(rl: dict[str, Any]) -> Any:
@@ -34,12 +35,14 @@ def _actor_worker(rl: dict[str, Any]) -> Any:
     return worker
 
 
-def test_graph_mode_rollouts_with_capture_are_refused():
-    """Captured ACL graphs freeze the capture's Python decisions: refused until graph replay is proven."""
+def test_graph_mode_rollouts_with_capture_are_accepted():
+    """Capture under ACL graphs is proven with the graph-replay stand-in (tests/test_capture_graph.py): graph mode
+    with R3 passes the worker's checks; torchair graph mode stays refused."""
     rl = {"guarantee_order": True}
-    (problem,) = refusals(*_configs(rl, {"enforce_eager": False}), load_sections(R3))
-    assert "generate_config.enforce_eager: false" in problem
+    assert refusals(*_configs(rl, {"enforce_eager": False}), load_sections(R3)) == []
     assert refusals(*_configs(rl, {"enforce_eager": False}), load_sections(AQN_ONLY)) == []
+    (problem,) = refusals(*_configs(rl, {"enforce_eager": False, "torchair_graph": True}), load_sections(R3))
+    assert "torchair" in problem
     assert _configs(rl)[2].enforce_eager is True  # MindSpeed-RL's default: eager
 
 

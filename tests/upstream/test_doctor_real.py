@@ -16,8 +16,9 @@ LORA_PROBE = (
 
 def test_every_target_imports_and_matches_its_signature(upstream_sources):
     from mindspeed_rl_r3 import doctor
+    from mindspeed_rl_r3.doctoring.versions import module_spec
 
-    assert doctor._module_spec("torch_npu") is not None  # the CPU backend's stand-in is importable ...
+    assert module_spec("torch_npu") is not None  # the CPU backend's stand-in is importable ...
     assert doctor.import_is_safe("mindspeed_rl")  # ... and loads no NPU library: importing is safe
     # MindSpeed-LLM's package __init__ would patch megatron for the whole session: its router module comes alone
     with mindspeed_llm_modules(upstream_sources, "mindspeed_llm.core.transformer.moe.router"):
@@ -31,6 +32,8 @@ def test_every_target_imports_and_matches_its_signature(upstream_sources):
     for target in targets:
         assert target["found"] and target["compatible"] and target["source"] == "import", target
     assert {t["module"] for t in targets} == set(PATCH_MODULES)
+    assert "vllm_capture" in PATCH_MODULES  # vLLM's own capture is checked too (the real vLLM 0.11 here)
+    assert "vllm.model_executor.layers.fused_moe.layer.FusedMoE.forward_impl" in names
     assert report["ok"] and report["missing_required"] == [] and report["incompatible"] == []
     # the one diagnostic: upstream's weight adaptor maps LoRA names to parameters the LoRA model does not have
     # (what mindspeed_rl_lora fixes); doctor runs without the patches, so it is reported, not failing

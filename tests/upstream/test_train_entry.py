@@ -14,8 +14,8 @@ import pytest
 
 from mindspeed_rl_r3 import train
 from mindspeed_rl_r3.config import load_sections
+from mindspeed_rl_r3.config_rules import refusals
 from mindspeed_rl_r3.integration.env import ENV_SECTIONS
-from mindspeed_rl_r3.integration.refusals import refusals
 
 SHIPPED = sorted(p.stem for p in train.REPO_CONFIGS.glob("grpo_*.yaml"))
 
@@ -84,8 +84,8 @@ def test_the_entry_names_a_bad_config_in_one_line(tmp_path):
 JOB = """\
 defaults:
   - _self_
-megatron_training: {stage: ray_grpo, global_batch_size: 4}
-actor_config: {tensor_model_parallel_size: 1}
+megatron_training: {stage: ray_grpo, global_batch_size: 4, num_experts: 8, moe_router_topk: 2}
+actor_config: {tensor_model_parallel_size: 1, moe_tp_extend_ep: true}
 rl_config: {runtime_env_path: envs/runtime_env.yaml, n_samples_per_prompt: 2, guarantee_order: true}
 generate_config: {enable_expert_parallel: true, infer_expert_parallel_size: 4}
 r3: {mode: R3}

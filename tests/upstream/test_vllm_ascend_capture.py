@@ -23,6 +23,7 @@ SPEC = MoEModelSpec(num_layers=2, topk=2, num_experts=8)
 HIDDEN, FFN, PAD = 16, 8, 3
 FORWARD_IMPL = "vllm_ascend.ops.common_fused_moe.AscendFusedMoE.forward_impl"
 EXECUTE_MODEL = "vllm_ascend.worker.model_runner_v1.NPUModelRunner.execute_model"
+CAPTURE_MODEL = "vllm_ascend.worker.model_runner_v1.NPUModelRunner.capture_model"
 
 
 class OneRankMoEComm:
@@ -63,7 +64,7 @@ def capture(upstream_sources, monkeypatch):
     monkeypatch.setattr(ascend_config, "_ASCEND_CONFIG", ascend_config.AscendConfig(VllmConfig(additional_config={})))
     yield vllm_ascend_capture
     vllm_ascend_capture.undo()
-    vllm_ascend_capture.CaptureSession.stop()
+    vllm_ascend_capture.CaptureSession.release()
 
 
 @contextlib.contextmanager
@@ -107,15 +108,16 @@ def test_capture_installs_on_the_real_classes(capture):
     from vllm_ascend.ops.common_fused_moe import AscendFusedMoE
     from vllm_ascend.worker.model_runner_v1 import NPUModelRunner
 
-    originals = AscendFusedMoE.forward_impl, NPUModelRunner.execute_model
+    originals = AscendFusedMoE.forward_impl, NPUModelRunner.execute_model, NPUModelRunner.capture_model
     rows = capture.check()
     assert all(r["found"] and r["compatible"] for r in rows), rows
-    assert capture.apply() == [FORWARD_IMPL, EXECUTE_MODEL]
+    assert capture.apply() == [FORWARD_IMPL, EXECUTE_MODEL, CAPTURE_MODEL]
     assert capture.apply() == []  # idempotent
     assert AscendFusedMoE.forward_impl.__wrapped__ is originals[0]
     assert NPUModelRunner.execute_model.__wrapped__ is originals[1]
-    assert sorted(capture.undo()) == sorted([FORWARD_IMPL, EXECUTE_MODEL])
-    assert (AscendFusedMoE.forward_impl, NPUModelRunner.execute_model) == originals
+    assert NPUModelRunner.capture_model.__wrapped__ is originals[2]
+    assert sorted(capture.undo()) == sorted([FORWARD_IMPL, EXECUTE_MODEL, CAPTURE_MODEL])
+    assert (AscendFusedMoE.forward_impl, NPUModelRunner.execute_model, NPUModelRunner.capture_model) == originals
 
 
 def test_capture_records_the_ids_the_layer_selects(capture):
@@ -136,6 +138,69 @@ def test_capture_records_the_ids_the_layer_selects(capture):
         # the step's 5 rows, before prepare() padded them; the same ids the layer's own apply() selected
         assert torch.equal(buffer[i, :5].long(), captured.selected[i][:5].long()), i
         assert torch.equal(buffer[i, :5].long().sort(-1).values, logits[i].topk(SPEC.topk).indices.sort(-1).values)
+
+
+def test_capture_under_graph_replay_of_the_real_layer(capture):
+    """The real ``AscendFusedMoE.forward_impl`` with the capture, recorded once per batch size with the CPU graph
+    stand-in (Python runs at capture only) inside vllm-ascend's forward context, then replayed on new rows: each
+    replay writes the ids the layer's own ``apply()`` selects into the buffer reserved before capture, and the
+    graphs keep writing into it after the slot store is re-created."""
+    from mindspeed_rl_r3.bench.graph_replay import GraphReplay
+
+    layers = [_layer(i, seed=i) for i in range(SPEC.num_layers)]
+    capture.apply()
+    capture.CaptureSession.reserve(SPEC, max_tokens=16, device="cpu")  # what capture_model's wrapper does
+    comm = OneRankMoEComm()
+
+    def forward(x, logits):
+        return sum(layer.forward_impl(x, logits[i]) for i, layer in enumerate(layers))
+
+    graphs = GraphReplay(forward, sizes=(1, 2, 4, 8))
+    with _forward_context(comm):
+        graphs.capture(lambda size: (torch.randn(size, HIDDEN), torch.randn(SPEC.num_layers, size, SPEC.num_experts)))
+    capture.CaptureSession.graphs_captured = True
+    buffer = capture.CaptureSession.buffer
+    g = torch.Generator().manual_seed(3)
+    for call in range(2):  # two generate calls, the slot store re-created in between
+        capture.CaptureSession.start(SPEC, max_tokens=16, num_slots=64, block_size=4, device="cpu")
+        assert capture.CaptureSession.recorder.buffer is buffer
+        for size in (1, 2, 4, 8):
+            x = torch.randn(size, HIDDEN, generator=g)
+            logits = torch.randn(SPEC.num_layers, size, SPEC.num_experts, generator=g)
+            buffer.fill_(255)
+            graphs(x, logits)  # replay: no Python of the wrapper or the layer runs
+            replayed = buffer[:, :size].clone()
+            selected = OneRankMoEComm()
+            _run(layers, x, logits, selected)  # eager, for the ids the layer's own apply() selects
+            for i in range(SPEC.num_layers):
+                assert torch.equal(replayed[i].long(), selected.selected[i][:size].long()), (call, size, i)
+                expected = logits[i].topk(SPEC.topk).indices.sort(-1).values
+                assert torch.equal(replayed[i].long().sort(-1).values, expected), (call, size, i)
+    assert graphs.replays == 8 and graphs.eager_runs == 0
+
+
+def test_the_real_capture_model_reserves_the_buffer_before_any_graph(capture, monkeypatch):
+    """The wrapped real ``NPUModelRunner.capture_model`` reserves the buffer (sized by the engine's token budget or
+    largest graph, plus slack) before its ``_capture_model`` captures anything, and pins it afterwards."""
+    from vllm_ascend.worker.model_runner_v1 import NPUModelRunner
+
+    hf_config = {"num_hidden_layers": SPEC.num_layers, "num_experts": 8, "num_experts_per_tok": SPEC.topk}
+    runner = object.__new__(NPUModelRunner)
+    runner.device = torch.device("cpu")
+    runner.vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=hf_config),
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=64),
+        compilation_config=SimpleNamespace(cudagraph_capture_sizes=[512, 256, 8, 4, 2, 1]),
+    )
+    seen = []
+    monkeypatch.setattr(NPUModelRunner, "_capture_model", lambda self: seen.append(capture.CaptureSession.buffer))
+    capture.apply()
+    runner.capture_model()
+    (buffer,) = seen
+    assert buffer is capture.CaptureSession.buffer and capture.CaptureSession.graphs_captured
+    assert tuple(buffer.shape) == (SPEC.num_layers, 512 + capture.CAPTURE_SLACK_TOKENS, SPEC.topk)
+    capture.CaptureSession.stop()
+    assert capture.CaptureSession.buffer is buffer  # graphs hold it: kept across stop()
 
 
 def test_torchair_and_sequence_parallel_are_refused(capture, monkeypatch):

@@ -16,10 +16,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mindspeed_rl_r3.integration.feed import SHARED_FLAG
 from mindspeed_rl_r3.integration.rollout_columns import GeneratedSample
 from mindspeed_rl_r3.integration.settings import ROLLOUT_LOG_PROBS, ROUTED_EXPERTS
 from mindspeed_rl_r3.routing import decode, token_fingerprint
+from mindspeed_rl_r3.routing.codec import is_group_follower
 from mindspeed_rl_r3.routing.trace import RoutingTrace
 
 LAYERS, EXPERTS, TOPK, N = 2, 8, 2, 2
@@ -166,7 +166,7 @@ def check_routing(batch: dict, input_ids: list[torch.Tensor], index: list[int], 
     assert column.dtype == torch.int32  # broadcast_data_hccl rebuilds any other dtype as float32 on other ranks
     rollout, _ = generated_rollout()
     for row, i in enumerate(index):
-        assert not int(column[row][2]) & SHARED_FLAG
+        assert not is_group_follower(column[row])
         trace = decode(column[row], allow_trailing_padding=True)
         ids = input_ids[i]
         assert trace.token_hash == token_fingerprint(ids) and trace.prompt_len == PROMPTS[i // N].numel()
@@ -199,7 +199,7 @@ def test_stage_columns_through_the_real_dispatch_and_collect(transfer_dock, inte
     worker.collect_transfer_dock_data(outputs, [0, 1, 2, 3], use_vllm=False, is_generate=True, sync=True)
     assert worker.inference_model._r3_last_rollout is None  # taken: never put twice
     stored = ray.get(transfer_dock.get_experience_data.remote())
-    shared = [bool(int(stored[ROUTED_EXPERTS][i][2]) & SHARED_FLAG) for i in range(4)]
+    shared = [is_group_follower(stored[ROUTED_EXPERTS][i]) for i in range(4)]
     assert shared == [False, True, False, True]
     assert stored[ROUTED_EXPERTS][1].numel() < stored[ROUTED_EXPERTS][0].numel()
 

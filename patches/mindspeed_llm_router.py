@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mindspeed_rl_r3 import pins
 from mindspeed_rl_r3.patches.megatron_router import (
     ROUTER_MODULE,
     topk_router_routing_replay_wrapper,
@@ -22,12 +23,12 @@ from mindspeed_rl_r3.patches.targets import PatchTarget
 TARGETS = (
     PatchTarget(
         "mindspeed.patch_utils.MindSpeedPatchesManager.register_patch",
-        versions=("ac9f0e74",),
+        versions=(pins.MINDSPEED,),
         parameters=("orig_func_name", "new_func", "force_patch", "create_dummy"),
     ),
     PatchTarget(
         "mindspeed_llm.core.transformer.moe.router.topk_router_routing",
-        versions=("a2c0733",),
+        versions=(pins.MINDSPEED_LLM,),
         parameters=("self", "logits"),
     ),
 )

@@ -29,8 +29,9 @@ from typing import Any
 
 import ray
 
+from mindspeed_rl_r3 import pins
+from mindspeed_rl_r3.config_rules import refusal_message, refusals
 from mindspeed_rl_r3.integration.feed import expand_group_payloads
-from mindspeed_rl_r3.integration.refusals import refusal_message, refusals
 from mindspeed_rl_r3.integration.rollout_columns import PreviousSegments, previous_segments, rollout_columns
 from mindspeed_rl_r3.integration.runtime import IntegrationRuntime, active
 from mindspeed_rl_r3.integration.settings import ROLLOUT_LOG_PROBS, ROLLOUT_STAGE, ROUTED_EXPERTS
@@ -43,7 +44,7 @@ from mindspeed_rl_r3.routing.trace import RoutingError
 BASE_WORKER_MODULE = "mindspeed_rl.workers.base_worker"
 ACTOR_MODULE = "mindspeed_rl.workers.actor_hybrid_worker"
 REFERENCE_MODULE = "mindspeed_rl.workers.reference_worker"
-RL_VERSIONS = ("05a90d77",)
+RL_VERSIONS = (pins.MINDSPEED_RL,)
 _ACTOR = f"{ACTOR_MODULE}.ActorHybridWorkerBase"
 TARGETS = (
     PatchTarget(

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
+from mindspeed_rl_r3 import pins
 from mindspeed_rl_r3.lora.merge import merge_grouped_in_param_dict
 from mindspeed_rl_r3.lora.names import (
     NameMappingError,
@@ -41,13 +42,14 @@ from mindspeed_rl_r3.lora.names import (
 from mindspeed_rl_r3.lora.reference import adapters_disabled
 from mindspeed_rl_r3.lora.router import make_router_trainable, snapshot_router_weights
 from mindspeed_rl_r3.lora.trainable import make_grouped_lora_trainable
+from mindspeed_rl_r3.patches.patch_set import PatchSet
 from mindspeed_rl_r3.patches.targets import PatchTarget
 
 ADAPTOR_MODULE = "mindspeed_rl.workers.resharding.weight_adaptor"
 CONTAINER = "mindspeed_rl.workers.resharding.vllm_weight_container.MegatronStyleVllmWeightContainer"
 WORKER = "mindspeed_rl.workers.integrated_worker.IntegratedWorker"
 ADAPTORS = ("Qwen3MoeMVWeightAdaptor", "Qwen3MvWeightAdaptor")
-RL_VERSIONS = ("05a90d77",)
+RL_VERSIONS = (pins.MINDSPEED_RL,)
 
 TARGETS = (
     PatchTarget(f"{ADAPTOR_MODULE}.Qwen3MoeMVWeightAdaptor.replace_name_i2t", RL_VERSIONS, ("self", "inference_name")),
@@ -66,6 +68,7 @@ TARGETS = (
     PatchTarget("peft.get_peft_model", ("0.7.1", "0.21"), ("model", "peft_config")),
 )
 _MARK = "__r3_mindspeed_rl_lora__"
+PATCHES = PatchSet(_MARK, "mindspeed_rl_lora")
 
 
 def _targets(model_config: Any) -> list[str]:
@@ -153,14 +156,6 @@ def get_peft_model_lora_wrapper(fn: Any, router_trainable: bool = False) -> Any:
     return get_peft_model
 
 
-def _wrap(owner: Any, attr: str, wrapper: Any) -> bool:
-    current = getattr(owner, attr)
-    if getattr(current, _MARK, False):
-        return False
-    setattr(owner, attr, wrapper(current))
-    return True
-
-
 def apply(worker_cls: Any = None, router_trainable: bool = False) -> list[str]:
     """Install the sync and reference patches and wrap ``peft.get_peft_model`` (grouped LoRA kept trainable; the
     router made trainable with ``router_trainable``). Idempotent; a second call with another ``router_trainable``
@@ -174,16 +169,21 @@ def apply(worker_cls: Any = None, router_trainable: bool = False) -> list[str]:
     adaptors = importlib.import_module(ADAPTOR_MODULE)
     patched = []
     for name in ADAPTORS:
-        cls = getattr(adaptors, name)
-        _wrap(cls, "replace_name_i2t", replace_name_i2t_lora_wrapper)
+        PATCHES.wrap(getattr(adaptors, name), "replace_name_i2t", replace_name_i2t_lora_wrapper)
         patched.append(f"{ADAPTOR_MODULE}.{name}.replace_name_i2t")
-    _wrap(adaptors.Qwen3MoeMVWeightAdaptor, "adjust_megatron_param_dict", adjust_megatron_param_dict_lora_wrapper)
+    # inherited from MegatronVLLMWeightAdaptor: the override concerns the Qwen3-MoE adaptor only
+    PATCHES.wrap(
+        adaptors.Qwen3MoeMVWeightAdaptor,
+        "adjust_megatron_param_dict",
+        adjust_megatron_param_dict_lora_wrapper,
+        inherited=True,
+    )
     patched.append(f"{ADAPTOR_MODULE}.Qwen3MoeMVWeightAdaptor.adjust_megatron_param_dict")
     if worker_cls is None:
         worker_module, _, worker_name = WORKER.rpartition(".")
         worker = getattr(importlib.import_module(worker_module), worker_name)
         worker_cls = getattr(worker, "__ray_actor_class__", worker)
-    _wrap(worker_cls, "compute_ref_log_prob", compute_ref_log_prob_reference_wrapper)
+    PATCHES.wrap(worker_cls, "compute_ref_log_prob", compute_ref_log_prob_reference_wrapper)
     patched.append(f"{worker_cls.__module__}.{worker_cls.__qualname__}.compute_ref_log_prob")
     import peft
 
@@ -193,9 +193,15 @@ def apply(worker_cls: Any = None, router_trainable: bool = False) -> list[str]:
             f"peft.get_peft_model is already patched with router_trainable={current.router_trainable}; "
             f"apply() was called again with router_trainable={router_trainable}"
         )
-    _wrap(peft, "get_peft_model", functools.partial(get_peft_model_lora_wrapper, router_trainable=router_trainable))
+    lora_wrapper = functools.partial(get_peft_model_lora_wrapper, router_trainable=router_trainable)
+    PATCHES.wrap(peft, "get_peft_model", lora_wrapper)
     patched.append("peft.get_peft_model")
     return patched
+
+
+def undo() -> list[str]:
+    """Restore every original :func:`apply` replaced, newest first; returns the restored paths."""
+    return PATCHES.undo()
 
 
 def check_adaptor_names(

@@ -29,11 +29,13 @@ import torch
 
 from mindspeed_rl_r3.patches.patch_set import PatchSet
 from mindspeed_rl_r3.patches.targets import PatchTarget
-from mindspeed_rl_r3.routing.capture import RoutingRecorder
+from mindspeed_rl_r3.routing.capture import RoutingRecorder, capture_buffer, record
 from mindspeed_rl_r3.routing.trace import MoEModelSpec, RoutingError, RoutingTrace
 
 RUNNER_MODULE = "vllm_ascend.worker.model_runner_v1"
 SELECT_PARAMS = ("hidden_states", "router_logits", "top_k", "use_grouped_topk", "renormalize")
+# Rows the capture buffer holds beyond the engine's token budget: graph / TP padding of a step's tokens.
+CAPTURE_SLACK_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class CaptureLayout:
                 versions=(self.name,),
                 parameters=("self", "scheduler_output"),
             ),
+            PatchTarget(f"{RUNNER_MODULE}.NPUModelRunner.capture_model", versions=(self.name,), parameters=("self",)),
         )
 
 
@@ -80,17 +83,48 @@ PATCHES = PatchSet("__r3_vllm_ascend_capture__")
 
 
 class CaptureSession:
-    """Process-global capture state: the recorder of this rollout worker and whether steps are recorded."""
+    """Process-global capture state of this rollout worker.
 
+    ``buffer`` is the device buffer every MoE layer writes into. It is reserved once, before the engine captures
+    its first graph, and kept at the same address for the engine's life: a captured graph replays its write into the
+    tensor it saw at capture time, so a buffer replaced later would never see a graph-replayed step. ``recorder``
+    (the host-side slot store, re-created when the KV cache is) reads steps from that buffer; ``enabled`` says
+    whether steps are recorded (actor rollouts), decided per step on the host, outside any graph.
+    """
+
+    buffer: torch.Tensor | None = None
+    spec: MoEModelSpec | None = None
+    graphs_captured: bool = False  # the engine captured graphs around the current buffer: it may not change
     recorder: RoutingRecorder | None = None
     enabled: bool = False
-    spec: MoEModelSpec | None = None
+
+    @classmethod
+    def reserve(cls, spec: MoEModelSpec, *, max_tokens: int, device: Any) -> torch.Tensor:
+        """The device buffer for ``spec`` and ``max_tokens`` rows a step: the current one where it serves, else a new
+        one, which is refused once graphs were captured around the current buffer."""
+        buffer = cls.buffer
+        if (
+            buffer is not None
+            and cls.spec == spec
+            and buffer.shape[1] >= max_tokens
+            and buffer.device == torch.device(device)
+        ):
+            return buffer
+        if cls.graphs_captured:
+            raise RoutingError(
+                f"the capture buffer ({tuple(buffer.shape)} on {buffer.device}) was reserved before the engine "
+                f"captured its graphs and cannot serve {spec} with {max_tokens} tokens a step on {device}; a new "
+                "buffer would be invisible to graph-replayed steps"
+            )
+        cls.spec, cls.buffer, cls.recorder = spec, capture_buffer(spec, max_tokens, device), None
+        return cls.buffer
 
     @classmethod
     def start(cls, spec: MoEModelSpec, *, max_tokens: int, num_slots: int, block_size: int, device: Any) -> None:
-        cls.spec = spec
+        """A new slot store reading steps from the reserved buffer (reserved here if none serves yet)."""
+        buffer = cls.reserve(spec, max_tokens=max_tokens, device=device)
         cls.recorder = RoutingRecorder(
-            spec, max_tokens=max_tokens, num_slots=num_slots, block_size=block_size, device=device
+            spec, max_tokens=max_tokens, num_slots=num_slots, block_size=block_size, buffer=buffer
         )
         cls.enabled = False
 
@@ -101,6 +135,7 @@ class CaptureSession:
         return (
             recorder is not None
             and cls.spec == spec
+            and recorder.buffer is cls.buffer
             and recorder.host.shape[0] == num_slots
             and recorder.block_size == block_size
             and recorder.buffer.shape[1] >= max_tokens
@@ -108,8 +143,24 @@ class CaptureSession:
         )
 
     @classmethod
+    def trace_layer(cls, hf_layer_index: int) -> int:
+        """Trace layer of a decoder-layer index, for the spec the buffer was reserved for."""
+        moe_layers = list(cls.spec.moe_layers) if cls.spec else []
+        if hf_layer_index not in moe_layers:
+            raise RoutingError(f"decoder layer {hf_layer_index} has no router in this model (MoE layers {moe_layers})")
+        return moe_layers.index(hf_layer_index)
+
+    @classmethod
     def stop(cls) -> None:
-        cls.recorder, cls.spec, cls.enabled = None, None, False
+        """Stop recording and drop the slot store; the buffer stays while captured graphs write into it."""
+        cls.recorder, cls.enabled = None, False
+        if not cls.graphs_captured:
+            cls.buffer, cls.spec = None, None
+
+    @classmethod
+    def release(cls) -> None:
+        """Drop everything, buffer included: the engine (and its graphs) is gone."""
+        cls.buffer, cls.spec, cls.graphs_captured, cls.recorder, cls.enabled = None, None, False, None, False
 
 
 def _layer_index(layer: Any) -> int:
@@ -146,17 +197,19 @@ def forward_impl_capture_wrapper(
 
     @functools.wraps(fn)
     def forward_impl(self, hidden_states, router_logits, *args, **kwargs):
-        recorder = CaptureSession.recorder
-        if recorder is not None:
+        # Python here runs once per graph under graph capture: the only decision is whether a buffer is reserved,
+        # which it is from before the first graph capture (capture_model_reserve_wrapper) for the engine's life.
+        buffer = CaptureSession.buffer
+        if buffer is not None:
             layer = getattr(self, "_r3_trace_layer", None)
             if layer is None:
                 _refuse_sequence_parallel()
-                layer = self._r3_trace_layer = recorder.trace_layer(_layer_index(self))
+                layer = self._r3_trace_layer = CaptureSession.trace_layer(_layer_index(self))
             routing = _routing_kwargs(routing_owner(self))
             if kwargs.get("top_k"):  # v0.9.1 forward() may override the layer's top_k per call
                 routing["top_k"] = kwargs["top_k"]
             _, topk_ids = selector()(hidden_states=hidden_states, router_logits=router_logits, **routing)
-            recorder.capture(layer, topk_ids)
+            record(buffer, layer, topk_ids)
         return fn(self, hidden_states, router_logits, *args, **kwargs)
 
     return forward_impl
@@ -193,13 +246,40 @@ def execute_model_capture_wrapper(fn: Callable) -> Callable:
         recorder = CaptureSession.recorder
         if recorder is None or not CaptureSession.enabled:
             return fn(self, scheduler_output, *args, **kwargs)
-        recorder.begin_step(getattr(scheduler_output, "finished_req_ids", ()) or ())
+        num_tokens = int(scheduler_output.total_num_scheduled_tokens)
+        recorder.begin_step(getattr(scheduler_output, "finished_req_ids", ()) or (), num_tokens=num_tokens)
         output = fn(self, scheduler_output, *args, **kwargs)
-        if int(scheduler_output.total_num_scheduled_tokens) > 0:
+        if num_tokens > 0:
             recorder.end_step(*_runner_step(self, scheduler_output))
         return output
 
     return execute_model
+
+
+def runner_max_tokens(runner: Any) -> int:
+    """Rows a step of ``runner`` can hand the MoE layers: its token budget, or its largest graph, plus TP slack."""
+    sizes = getattr(runner.vllm_config.compilation_config, "cudagraph_capture_sizes", None) or [0]
+    budget = int(runner.vllm_config.scheduler_config.max_num_batched_tokens)
+    return max(budget, max(sizes)) + CAPTURE_SLACK_TOKENS
+
+
+def capture_model_reserve_wrapper(fn: Callable) -> Callable:
+    """Wrap the runner's ``capture_model``: reserve the buffer before the first graph is captured, then pin it.
+
+    vllm-ascend captures its ACL graphs in ``compile_or_warm_up_model``, which MindSpeed-RL's first
+    ``init_cache_engine`` runs; later calls replay the graphs captured then. The buffer the MoE layers write into
+    must exist at that moment and stay the same tensor afterwards.
+    """
+
+    @functools.wraps(fn)
+    def capture_model(self, *args, **kwargs):
+        spec = MoEModelSpec.from_hf_config(self.vllm_config.model_config.hf_config)
+        CaptureSession.reserve(spec, max_tokens=runner_max_tokens(self), device=self.device)
+        out = fn(self, *args, **kwargs)
+        CaptureSession.graphs_captured = True
+        return out
+
+    return capture_model
 
 
 def _refuse_sequence_parallel() -> None:
@@ -249,6 +329,7 @@ def apply(version: str = "0.11.0") -> list[str]:
     done = [
         PATCHES.wrap(owner, layout.entry, lambda f: forward_impl_capture_wrapper(f, selector)),
         PATCHES.wrap(runner.NPUModelRunner, "execute_model", execute_model_capture_wrapper),
+        PATCHES.wrap(runner.NPUModelRunner, "capture_model", capture_model_reserve_wrapper),
     ]
     return [path for path in done if path]
 

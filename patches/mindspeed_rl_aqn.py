@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mindspeed_rl_r3 import pins
 from mindspeed_rl_r3.aqn import ActorNoise, AQNConfig, RolloutNoise
 from mindspeed_rl_r3.integration.metrics import aqn_entries
 from mindspeed_rl_r3.integration.runtime import IntegrationRuntime, active
@@ -30,7 +31,7 @@ from mindspeed_rl_r3.patches.patch_set import PatchSet
 from mindspeed_rl_r3.patches.targets import PatchTarget
 
 SHARDING_MODULE = "mindspeed_rl.workers.resharding.megatron_sharding_manager"
-RL_VERSIONS = ("05a90d77",)
+RL_VERSIONS = (pins.MINDSPEED_RL,)
 TARGETS = (
     PatchTarget(f"{SHARDING_MODULE}.MegatronShardingManager.enter_infer_mode", RL_VERSIONS, ("self",)),
     PatchTarget(

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from mindspeed_rl_r3 import pins
 from mindspeed_rl_r3.integration.rollout_columns import GeneratedSample, child_request_id, completion_log_probs
 from mindspeed_rl_r3.integration.runtime import IntegrationRuntime, active
 from mindspeed_rl_r3.patches import vllm_ascend_capture
@@ -29,8 +30,9 @@ from mindspeed_rl_r3.routing.capture import RoutingRecorder
 from mindspeed_rl_r3.routing.trace import MoEModelSpec, RoutingError
 
 ENGINE_MODULE = "mindspeed_rl.models.rollout.vllm_engine"
-RL_VERSIONS = ("05a90d77",)
+RL_VERSIONS = (pins.MINDSPEED_RL,)
 TARGETS = (
+    PatchTarget(f"{ENGINE_MODULE}.VLLMInferEngine.__init__", RL_VERSIONS, ("self", "tokenizer_name_or_path")),
     PatchTarget(f"{ENGINE_MODULE}.VLLMInferEngine.generate_sequences", RL_VERSIONS, ("self", "idx_list")),
     PatchTarget(f"{ENGINE_MODULE}.VLLMInferEngine._post_process_outputs", RL_VERSIONS, ("self", "request_outputs")),
     PatchTarget(f"{ENGINE_MODULE}.VLLMInferEngine.update_sampling_params", RL_VERSIONS, ("self",)),
@@ -42,8 +44,6 @@ PATCHES = PatchSet("__r3_mindspeed_rl_rollout__")
 ACTOR_ROLLOUT = "_r3_actor_rollout"  # engine attribute: True while the worker's actor rollout runs
 LAST_ROLLOUT = "_r3_last_rollout"  # engine attribute: the GeneratedRollout of the last actor generate call
 ROLLOUT_NOISE = "_r3_rollout_noise"  # engine attribute: its RolloutNoise, taken off for non-actor generates
-# Rows the capture buffer holds beyond max_num_batched_tokens: graph / TP padding of a step's tokens.
-CAPTURE_SLACK_TOKENS = 256
 _capture_installed: set[str] = set()
 
 
@@ -78,22 +78,47 @@ def _kv_slots(engine: Any) -> tuple[int, int]:
     return int(blocks) * int(cache.block_size), int(cache.block_size)
 
 
-def start_capture(engine: Any, runtime: IntegrationRuntime) -> RoutingRecorder:
-    """Install capture for the configured vllm-ascend line and (re)start the recorder for this generate call."""
+def install_capture(runtime: IntegrationRuntime) -> bool:
+    """Install capture for the configured vllm-ascend line (once); ``True`` if this call installed it."""
     version = runtime.config.r3.vllm_ascend
     if version == "native":
         raise RoutingError(
             "r3.vllm_ascend 'native' (CompletionOutput.routed_experts) needs vllm-ascend >= 0.15; MindSpeed-RL "
             "05a90d77 pins v0.11.0-dev: use r3.vllm_ascend '0.11.0'"
         )
-    if version not in _capture_installed:
-        vllm_ascend_capture.apply(version)
-        _capture_installed.add(version)
+    if version in _capture_installed:
+        return False
+    vllm_ascend_capture.apply(version)
+    _capture_installed.add(version)
+    return True
+
+
+def engine_init_capture_wrapper(fn: Any) -> Any:
+    """Wrap ``VLLMInferEngine.__init__``: with R3 capture, install it before vLLM exists, hence before any graph."""
+
+    @functools.wraps(fn)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        runtime = active()
+        if runtime is not None and runtime.columns.routed_experts:
+            install_capture(runtime)
+        fn(self, *args, **kwargs)
+
+    return __init__
+
+
+def start_capture(engine: Any, runtime: IntegrationRuntime) -> RoutingRecorder:
+    """Make sure capture is installed and (re)start the recorder for this generate call."""
+    if install_capture(runtime) and not engine.llm.llm_engine.vllm_config.model_config.enforce_eager:
+        raise RoutingError(
+            "routing capture was installed after the rollout engine was built in graph mode: its captured graphs "
+            "run the MoE layers without the capture; build the engine with the package active (mindspeed_rl_r3 "
+            "autopatch) or set generate_config.enforce_eager: true"
+        )
     spec = MoEModelSpec.from_hf_config(engine.hf_config)
     num_slots, block_size = _kv_slots(engine)
     max_tokens = int(engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
     shape = dict(
-        max_tokens=max_tokens + CAPTURE_SLACK_TOKENS,
+        max_tokens=max_tokens + vllm_ascend_capture.CAPTURE_SLACK_TOKENS,
         num_slots=num_slots,
         block_size=block_size,
         device=next(engine.model.parameters()).device,
@@ -102,7 +127,7 @@ def start_capture(engine: Any, runtime: IntegrationRuntime) -> RoutingRecorder:
     if session.fits(spec, **shape):
         session.recorder.reset()  # init_cache_engine re-allocated the KV cache and reset vLLM's prefix cache
     else:
-        session.start(spec, **shape)
+        session.start(spec, **shape)  # a new slot store on the buffer reserved before graph capture
     session.enabled = True
     return session.recorder
 
@@ -164,8 +189,11 @@ def generate_sequences_token_prompts_wrapper(fn: Any) -> Any:
 
 
 def patch_engine_module(module: ModuleType) -> list[str]:
-    done = PATCHES.wrap(module.VLLMInferEngine, "generate_sequences", generate_sequences_token_prompts_wrapper)
-    return [done] if done else []
+    done = [
+        PATCHES.wrap(module.VLLMInferEngine, "__init__", engine_init_capture_wrapper),
+        PATCHES.wrap(module.VLLMInferEngine, "generate_sequences", generate_sequences_token_prompts_wrapper),
+    ]
+    return [path for path in done if path]
 
 
 MODULE_PATCHES = {ENGINE_MODULE: patch_engine_module}

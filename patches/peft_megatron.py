@@ -1,8 +1,8 @@
 """peft LoRA on megatron-core parallel linears, for the CPU tests and demo (peft 0.7.1 .. 0.21.2).
 
 MindSpeed-LLM pins peft 0.7.1, which wraps Megatron's ``ColumnParallelLinear`` / ``RowParallelLinear`` unmodified.
-Later releases broke that path (see ``reference/lora-on-cpu.md`` section 5); :func:`apply` repairs it without
-changing what LoRA computes:
+Later releases broke that path in the four ways below; :func:`apply` repairs it without changing what LoRA
+computes:
 
 (a) peft >= 0.19 no longer passes ``fan_in_fan_out`` to ``dispatch_megatron``, which reads it: the dispatcher is
     wrapped to fill it in from the ``LoraConfig``.
@@ -24,6 +24,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+from mindspeed_rl_r3.patches.patch_set import PatchSet
 from mindspeed_rl_r3.patches.targets import PatchTarget
 
 VERSIONS = ("0.7.1", "0.13.2", "0.14", "0.15", "0.16", "0.17", "0.18", "0.19", "0.20", "0.21")
@@ -39,7 +40,7 @@ TARGETS = (
 )
 _MARK = "__r3_peft_megatron__"
 _HOOKED = "_r3_first_output_hook"
-_originals: dict[str, Any] = {}
+PATCHES = PatchSet(_MARK, "peft_megatron")
 
 
 def _first_output(_module: Any, _inputs: Any, output: Any) -> Any:
@@ -89,29 +90,17 @@ def apply() -> list[str]:
     from peft.tuners.lora import tp_layer
 
     patched = []
-    dispatch = getattr(lora_model, "dispatch_megatron", None)  # peft 0.7.1 dispatches inline, no function
-    if dispatch is not None:
-        if not getattr(dispatch, _MARK, False):
-            _originals["dispatch_megatron"] = dispatch
-            lora_model.dispatch_megatron = dispatch_megatron_wrapper(dispatch)
+    if getattr(lora_model, "dispatch_megatron", None) is not None:  # peft 0.7.1 dispatches inline, no function
+        PATCHES.wrap(lora_model, "dispatch_megatron", dispatch_megatron_wrapper)
         patched.append(TARGETS[0].path)
-    layer = tp_layer.LoraParallelLinear
-    if not getattr(layer.update_layer, _MARK, False):
-        _originals["update_layer"] = layer.update_layer
-        layer.update_layer = update_layer_wrapper(layer.update_layer)
+    PATCHES.wrap(tp_layer.LoraParallelLinear, "update_layer", update_layer_wrapper)
     patched.append(TARGETS[1].path)
     return patched
 
 
-def undo() -> None:
-    """Restore what :func:`apply` replaced (layers already built keep their hooks)."""
-    from peft.tuners.lora import model as lora_model
-    from peft.tuners.lora import tp_layer
-
-    if "dispatch_megatron" in _originals:
-        lora_model.dispatch_megatron = _originals.pop("dispatch_megatron")
-    if "update_layer" in _originals:
-        tp_layer.LoraParallelLinear.update_layer = _originals.pop("update_layer")
+def undo() -> list[str]:
+    """Restore what :func:`apply` replaced (layers already built keep their hooks); returns the restored paths."""
+    return PATCHES.undo()
 
 
 def add_config_to_dict(model: Any) -> Any:

@@ -234,6 +234,9 @@ class _CpuNpu(types.ModuleType):
     def reset_peak_memory_stats(self, device: Any = None) -> None:
         pass
 
+    def mem_get_info(self, device: Any = None) -> tuple[int, int]:
+        return 0, 0  # (free, total); NPUModelRunner.capture_model reports the graphs' memory from it
+
     def manual_seed(self, seed: int) -> None:
         pass
 
@@ -352,7 +355,7 @@ def upstream_root(start: str | os.PathLike | None = None) -> Path | None:
     env = os.environ.get(ENV_UPSTREAM)
     if env:
         return Path(env).resolve()
-    here = Path(start) if start is not None else Path(__file__).resolve().parents[2]
+    here = Path(start) if start is not None else Path(__file__).resolve().parents[1]  # patches/ in the checkout
     candidate = here.parent / "shared" / "upstream"
     return candidate if (candidate / "MindSpeed-RL" / "mindspeed_rl").is_dir() else None
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from mindspeed_rl_r3 import pins
 from mindspeed_rl_r3.integration.feed import micro_batch_traces, parse_noop_layers, spec_from_megatron
 from mindspeed_rl_r3.integration.metrics import alignment_entries, mismatch_entries
 from mindspeed_rl_r3.integration.runtime import IntegrationRuntime, active
@@ -46,7 +47,7 @@ from mindspeed_rl_r3.routing.trace import MoEModelSpec, RoutingError
 ENGINE_MODULE = "mindspeed_rl.models.base.base_training_engine"
 LOSS_MODULE = "mindspeed_rl.models.loss.base_loss_func"
 WORKER_MODULE = "mindspeed_rl.workers.base_worker"
-RL_VERSIONS = ("05a90d77",)
+RL_VERSIONS = (pins.MINDSPEED_RL,)
 TARGETS = (
     PatchTarget(
         f"{ENGINE_MODULE}.BaseTrainingEngine._forward_backward_batch", RL_VERSIONS, ("self", "batch", "forward_only")

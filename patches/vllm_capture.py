@@ -68,7 +68,8 @@ LAYOUTS = {
         lambda runner: runner.routed_experts,
     ),
 }
-PATCHES = PatchSet("__r3_vllm_capture__")
+TARGETS = LAYOUTS["0.11"].targets  # MindSpeed-RL's pin; check() follows the installed line
+PATCHES = PatchSet("__r3_vllm_capture__", "vllm_capture")
 
 
 def layout() -> VllmCaptureLayout:
@@ -130,7 +131,8 @@ def check() -> list[dict[str, Any]]:
         installed = version("vllm")
     except PackageNotFoundError:
         installed = None
-    return [t.check(installed) for t in layout().targets]
+    targets = layout().targets if installed is not None else TARGETS  # without vLLM: report the pin's targets
+    return [t.check(installed) for t in targets]
 
 
 def model_runner(llm: Any) -> Any:

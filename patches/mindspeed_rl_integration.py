@@ -35,25 +35,6 @@ LORA_MODULE = "mindspeed_rl.workers.integrated_worker"
 PARTS = (mindspeed_rl_trainer, mindspeed_rl_worker, mindspeed_rl_rollout, mindspeed_rl_aqn, mindspeed_rl_replay)
 TARGETS = tuple(t for part in PARTS for t in part.TARGETS)
 
-_lora_originals: list[tuple[Any, str, Any]] = []
-
-
-def _lora_owners() -> list[tuple[Any, str]]:
-    from mindspeed_rl_r3.patches import mindspeed_rl_lora
-
-    adaptors = importlib.import_module(mindspeed_rl_lora.ADAPTOR_MODULE)
-    worker_module, _, worker_name = mindspeed_rl_lora.WORKER.rpartition(".")
-    worker = getattr(importlib.import_module(worker_module), worker_name)
-    worker_cls = getattr(worker, "__ray_actor_class__", worker)
-    import peft
-
-    owners: list[tuple[Any, str]] = [
-        (getattr(adaptors, name), "replace_name_i2t") for name in mindspeed_rl_lora.ADAPTORS
-    ]
-    owners += [(adaptors.Qwen3MoeMVWeightAdaptor, "adjust_megatron_param_dict"), (worker_cls, "compute_ref_log_prob")]
-    owners.append((peft, "get_peft_model"))
-    return owners
-
 
 def patch_lora(_module: ModuleType | None = None) -> list[str]:
     """MindSpeed-RL's LoRA sync and reference fixes (inert without ``lora_target_modules``), router per config."""
@@ -64,10 +45,6 @@ def patch_lora(_module: ModuleType | None = None) -> list[str]:
         return []
     if importlib.util.find_spec("peft") is None:
         return []  # MindSpeed-LLM's LoRA imports peft: without it no job can configure LoRA
-    if not _lora_originals:
-        _lora_originals.extend(
-            (owner, attr, owner.__dict__.get(attr, getattr(owner, attr))) for owner, attr in _lora_owners()
-        )
     return mindspeed_rl_lora.apply(router_trainable=runtime.config.lora_extras.lora_router_trainable)
 
 
@@ -106,12 +83,9 @@ def apply(modules: Iterable[str] | None = None) -> list[str]:
 
 def undo() -> list[str]:
     """Restore every original this module's parts (and the LoRA fixes) replaced."""
-    restored = [p for part in reversed(PARTS) for p in part.undo()]
-    while _lora_originals:
-        owner, attr, original = _lora_originals.pop()
-        setattr(owner, attr, original)
-        restored.append(f"{getattr(owner, '__qualname__', getattr(owner, '__name__', owner))}.{attr}")
-    return restored
+    from mindspeed_rl_r3.patches import mindspeed_rl_lora
+
+    return mindspeed_rl_lora.undo() + [p for part in reversed(PARTS) for p in part.undo()]
 
 
 def check() -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ import inspect
 from types import ModuleType
 from typing import Any
 
+from mindspeed_rl_r3 import pins
 from mindspeed_rl_r3.integration.metrics import reduce_entries
 from mindspeed_rl_r3.integration.rollout_columns import placeholder_log_probs, placeholder_routing
 from mindspeed_rl_r3.integration.runtime import active
@@ -25,7 +26,7 @@ from mindspeed_rl_r3.patches.patch_set import PatchError, PatchSet
 from mindspeed_rl_r3.patches.targets import PatchTarget
 
 TRAINER_MODULE = "mindspeed_rl.trainer.grpo_trainer_hybrid"
-RL_VERSIONS = ("05a90d77",)
+RL_VERSIONS = (pins.MINDSPEED_RL,)
 TARGETS = (
     PatchTarget(f"{TRAINER_MODULE}.RayGRPOTrainer.transfer_dock_init", RL_VERSIONS, ("self",)),
     PatchTarget(

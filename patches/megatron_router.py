@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from mindspeed_rl_r3.patches.patch_set import PatchSet, carries_mark
 from mindspeed_rl_r3.patches.targets import PatchTarget
 from mindspeed_rl_r3.replay.router import apply_capacity, routing_with_select
 from mindspeed_rl_r3.replay.state import ReplayHook, RouterAction, RouterReplayState
@@ -165,48 +166,27 @@ def topk_router_routing_replay_wrapper(fn):
     return routing
 
 
-_originals: dict[str, Any] = {}
+PATCHES = PatchSet(_MARK, "megatron_router")
 
 
 def is_wrapped(fn: Any) -> bool:
     """Whether our replay wrapper is anywhere in ``fn``'s chain of ``__wrapped__`` decorators."""
-    seen = 0
-    while fn is not None and seen < 64:
-        if getattr(fn, _MARK, False):
-            return True
-        fn, seen = getattr(fn, "__wrapped__", None), seen + 1
-    return False
+    return carries_mark(fn, _MARK)
 
 
 def apply() -> list[str]:
     """Install the core 0.12 wrappers directly (no MindSpeed). Idempotent; returns what it changed."""
     from megatron.core.transformer.moe import router
 
-    changed = []
-    if not is_wrapped(router.TopKRouter.routing):
-        _originals["routing"] = router.TopKRouter.routing
-        router.TopKRouter.routing = topk_router_routing_replay_wrapper(router.TopKRouter.routing)
-        changed.append(f"{ROUTER_MODULE}.TopKRouter.routing")
-    topk = getattr(router, "topk_softmax_with_capacity", None)
-    if topk is not None and not is_wrapped(topk):
-        _originals["topk"] = topk
-        router.topk_softmax_with_capacity = topk_softmax_with_capacity_replay_wrapper(topk)
-        changed.append(f"{ROUTER_MODULE}.topk_softmax_with_capacity")
-    return changed
+    changed = [PATCHES.wrap(router.TopKRouter, "routing", topk_router_routing_replay_wrapper)]
+    if getattr(router, "topk_softmax_with_capacity", None) is not None:  # core 0.16 has no such binding
+        changed.append(PATCHES.wrap(router, "topk_softmax_with_capacity", topk_softmax_with_capacity_replay_wrapper))
+    return [path for path in changed if path]
 
 
 def undo() -> list[str]:
     """Restore what :func:`apply` replaced."""
-    from megatron.core.transformer.moe import router
-
-    restored = []
-    if "routing" in _originals:
-        router.TopKRouter.routing = _originals.pop("routing")
-        restored.append(f"{ROUTER_MODULE}.TopKRouter.routing")
-    if "topk" in _originals:
-        router.topk_softmax_with_capacity = _originals.pop("topk")
-        restored.append(f"{ROUTER_MODULE}.topk_softmax_with_capacity")
-    return restored
+    return PATCHES.undo()
 
 
 def check() -> list[dict[str, Any]]:
