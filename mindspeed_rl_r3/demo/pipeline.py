@@ -1,10 +1,10 @@
 """``mindspeed-rl-r3 demo``: GRPO steps with a rollout actor and a trainer actor on a local Ray cluster.
 
-Each step: the trainer's merged weights go to the rollout (AQN added there), the rollout samples ``group_size``
-answers per prompt with routing capture and returns payloads in the TransferDock wire format, the driver scores
-them with the GSM8K reward, and the trainer computes old log-probs (replaying the rollout routing with R3, observing
-it without), the train/rollout mismatch, and one GRPO update. ``compare`` runs R3 off and on from the same seed
-and weights.
+Each step: the trainer's merged weights go to the rollout (the real vLLM engine, or transformers' ``generate`` with
+``rollout="hf"``; AQN added there), the rollout samples ``group_size`` answers per prompt with routing capture and
+returns payloads in the TransferDock wire format, the driver scores them with the GSM8K reward, and the trainer
+computes old log-probs (replaying the rollout routing with R3, observing it without), the train/rollout mismatch, and
+one GRPO update. ``compare`` runs R3 off and on from the same seed and weights.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 from mindspeed_rl_r3.data.gsm8k import extract_final_number, gsm8k_reward, read_gsm8k, synthetic_gsm8k
 from mindspeed_rl_r3.demo.model import initial_hf_state
 from mindspeed_rl_r3.demo.tokenizer import ByteTokenizer
-from mindspeed_rl_r3.demo.workers import DemoSettings, RolloutWorker, TrainerWorker
+from mindspeed_rl_r3.demo.workers import DemoSettings, TrainerWorker, rollout_worker_class
 
 SUMMARY_KEYS = ("k3_kl", "extreme_frac", "mean_abs", "max_abs", "routing_mismatch", "replay_agreement", "reward")
 
@@ -62,11 +62,12 @@ def run_once(
     ray = _start_ray(num_cpus=2)
     tok = ByteTokenizer(settings.model.vocab)
     init = initial_hf_state(settings.model, settings.seed)
-    rollout = ray.remote(num_cpus=1)(RolloutWorker).remote(settings)
+    rollout = ray.remote(num_cpus=1)(rollout_worker_class(settings)).remote(settings)
     trainer = ray.remote(num_cpus=1)(TrainerWorker).remote(settings, r3, init)
     rng = random.Random(settings.seed)
     steps = []
     try:
+        engine = ray.get(rollout.engine.remote())
         for step in range(settings.steps):
             started = time.perf_counter()
             batch = rng.sample(problems, settings.prompts_per_step)
@@ -87,7 +88,8 @@ def run_once(
     finally:
         ray.kill(rollout)
         ray.kill(trainer)
-    summary = {k: sum(s[k] for s in steps) / len(steps) for k in SUMMARY_KEYS}
+    summary: dict[str, Any] = {"rollout_engine": engine}
+    summary.update({k: sum(s[k] for s in steps) / len(steps) for k in SUMMARY_KEYS})
     layers = steps[0]["layer_agreement"].keys()
     summary["layer_agreement"] = {n: sum(s["layer_agreement"][n] for s in steps) / len(steps) for n in layers}
     summary["steps"] = steps
@@ -108,7 +110,8 @@ def run_demo(
     if compare:
         runs["r3_off"] = run_once(settings, False, problems, progress)
     runs["r3_on"] = run_once(settings, True, problems, progress)
-    result: dict[str, Any] = {"data": source, "settings": _jsonable(asdict(settings)), **runs}
+    engine = runs["r3_on"]["rollout_engine"]
+    result: dict[str, Any] = {"rollout_engine": engine, "data": source, "settings": _jsonable(asdict(settings)), **runs}
     if compare:
         off, on = runs["r3_off"], runs["r3_on"]
         result["k3_ratio_on_over_off"] = on["k3_kl"] / off["k3_kl"] if off["k3_kl"] else float("nan")

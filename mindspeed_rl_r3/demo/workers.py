@@ -1,4 +1,5 @@
-"""The two actors of the CPU pipeline: a transformers rollout in bf16 and a Megatron trainer in fp32.
+"""The actors of the CPU pipeline: a bf16 rollout (transformers here; the real vLLM engine in ``vllm_rollout``) and
+a Megatron trainer in fp32.
 
 Both use the package's own code paths, the ones the NPU integration uses: capture -> ``encode_group`` (the wire
 format the TransferDock carries) -> ``decode_group`` -> ``validate_trace`` -> ``layout_micro_batch`` -> replay in
@@ -40,6 +41,30 @@ class DemoSettings:
         default_factory=lambda: AQNConfig(enabled=True, sigma_start=0.01, sigma_end=0.001, num_stages=4, seed=1234)
     )
     threads_per_actor: int = 1
+    rollout: str = "vllm"  # "vllm": the real vLLM engine (demo.vllm_rollout); "hf": transformers' generate
+    rollout_dtype: str = "bfloat16"
+
+
+ROLLOUT_ENGINES = ("vllm", "hf")
+
+
+def group_payloads(traces: list[RoutingTrace], prompts: list[list[int]], n: int) -> list[torch.Tensor]:
+    """One wire payload per sample (``encode_group``: each GRPO group's shared prompt rows stored once)."""
+    payloads = []
+    for g, prompt in enumerate(prompts):
+        payloads += encode_group(traces[g * n : (g + 1) * n], prompt_len=len(prompt))
+    return payloads
+
+
+def rollout_worker_class(settings: DemoSettings) -> type:
+    """The rollout actor for ``settings.rollout``."""
+    if settings.rollout == "hf":
+        return RolloutWorker
+    if settings.rollout == "vllm":
+        from mindspeed_rl_r3.demo.vllm_rollout import VllmRolloutWorker
+
+        return VllmRolloutWorker
+    raise ValueError(f"rollout engine must be one of {ROLLOUT_ENGINES}, got {settings.rollout!r}")
 
 
 class RolloutWorker:
@@ -49,8 +74,13 @@ class RolloutWorker:
         torch.set_num_threads(settings.threads_per_actor)
         self.settings = settings
         self.tok = ByteTokenizer(settings.model.vocab)
-        self.model = hf_model(settings.model, dtype=torch.bfloat16)
+        self.model = hf_model(settings.model, dtype=getattr(torch, settings.rollout_dtype))
         self.noise = RolloutNoise(self.model, settings.aqn, settings.steps) if settings.aqn.enabled else None
+
+    def engine(self) -> str:
+        import transformers
+
+        return f"transformers {transformers.__version__} generate ({self.settings.rollout_dtype})"
 
     def sync(self, hf_state: dict[str, torch.Tensor], step: int) -> dict[str, float]:
         """Re-copy every weight from the trainer (as MindSpeed-RL's sync does), then add this step's AQN."""
@@ -111,9 +141,7 @@ class RolloutWorker:
                 )
                 responses.append(response)
                 rollout_logp.append(logp.squeeze(1))
-        payloads = []
-        for g in range(len(prompts)):
-            payloads += encode_group(traces[g * n : (g + 1) * n], prompt_len=len(prompts[g]))
+        payloads = group_payloads(traces, prompts, n)
         return {"prompts": rows, "responses": responses, "rollout_logp": rollout_logp, "payloads": payloads}
 
 

@@ -12,7 +12,8 @@ and the continuation contributes only the rows of the positions it adds (:func:`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,37 @@ def placeholder_log_probs() -> torch.Tensor:
 def child_request_id(parent_request_id: str, completion_index: int, n: int) -> str:
     """vLLM v1's id of the request behind completion ``completion_index`` of a prompt (``ParentRequest``)."""
     return parent_request_id if n == 1 else f"{completion_index}_{parent_request_id}"
+
+
+# vLLM >= 0.12 (InputProcessor.assign_request_id) makes the engine's own id "{user id}-{8 hex of a uuid4}" unless
+# VLLM_DISABLE_REQUEST_ID_RANDOMIZATION is set; ParentRequest.get_child_info then prefixes "{index}_" for n > 1.
+_RANDOM_SUFFIX = re.compile(r"-[0-9a-f]{8}")
+
+
+def runner_request_id(parent_request_id: str, completion_index: int, n: int, known_ids: Collection[str]) -> str:
+    """The runner's id of completion ``completion_index`` of a prompt, among the ids the recorder holds.
+
+    ``parent_request_id`` is the id vLLM hands back (``RequestOutput.request_id``, the user-visible one). The runner
+    saw :func:`child_request_id` of it, followed on vLLM >= 0.12 by ``-`` and 8 random hex digits. Exactly one held id
+    may fit; none or several (two live requests with the same user id) raise rather than pick one.
+    """
+    child = child_request_id(parent_request_id, completion_index, n)
+    fits = sorted(
+        rid
+        for rid in known_ids
+        if rid == child or (rid.startswith(child) and _RANDOM_SUFFIX.fullmatch(rid[len(child) :]))
+    )
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        raise RoutingError(
+            f"no routing was captured for completion {completion_index} of request {parent_request_id!r}: no runner "
+            f"request id {child!r} (or {child!r}-<8 hex>, vLLM's randomised form) among {len(known_ids)} recorded"
+        )
+    raise RoutingError(
+        f"completion {completion_index} of request {parent_request_id!r} fits several runner request ids {fits}: "
+        "the same request id was submitted more than once while routing was recorded; give each prompt its own id"
+    )
 
 
 def completion_log_probs(token_ids: Sequence[int], logprobs: Sequence[dict] | None, where: str) -> torch.Tensor:

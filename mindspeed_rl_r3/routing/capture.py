@@ -159,6 +159,10 @@ class RoutingRecorder:
         slots = table[block_index] * self.block_size + positions % self.block_size
         self._finished[req_id] = self.host[slots].clone()
 
+    def request_ids(self) -> set[str]:
+        """The runner request ids whose rows this recorder holds (tracked or finished, not yet popped)."""
+        return set(self._requests) | set(self._finished)
+
     def finish_all(self) -> None:
         """At the end of a generate call: every tracked request is done and nothing reuses its blocks any more."""
         for req_id in list(self._requests):

@@ -7,6 +7,7 @@ exactly on every row of every completion."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -18,12 +19,9 @@ from mindspeed_rl_r3.routing import MoEModelSpec
 from tests.vllm027.native_capture import native_capture_on_cpu
 
 LAYERS, EXPERTS, TOPK, VOCAB = 3, 16, 4, 512
-# vLLM 0.27 appends 8 random characters to internal request ids ("{index}_{parent}-{rand}"); the package maps
-# completions to runner ids without them (as 0.11 names them), so the oracle turns the randomisation off.
-ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_WAIT_POLICY": "PASSIVE",
-    "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION": "1",
-}  # fmt: skip
+# vLLM 0.27's default: internal request ids carry 8 random hex digits ("{index}_{parent}-{rand}"); the package maps
+# completions to them (rollout_columns.runner_request_id), so the randomisation stays on.
+ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def save_tiny_qwen3_moe(path: str) -> None:
@@ -73,6 +71,7 @@ def test_package_capture_equals_vllm_native_routed_experts(llm):
     from vllm import SamplingParams
 
     assert vllm.__version__.startswith("0.27") and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "0") == "0"
     spec = MoEModelSpec.from_hf_config(llm.llm_engine.model_config.hf_config)
     assert spec.moe_layers == (0, 2)
     shared = [(7 * i + 3) % 500 for i in range(150)]  # longer than the 96-token budget: chunked
@@ -82,6 +81,10 @@ def test_package_capture_equals_vllm_native_routed_experts(llm):
     for call in range(2):  # the second call hits the first call's prefix blocks
         recorder = vllm_capture.start(llm)
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        recorder.finish_all()
+        runner_ids = recorder.request_ids()
+        assert len(runner_ids) == len(prompts) * params.n
+        assert all(re.fullmatch(r"\d+_\d+-[0-9a-f]{8}", rid) for rid in runner_ids), runner_ids  # randomised
         rollout = collect_generation(outputs, prompts, params.n, recorder)
         assert call == 0 or min(o.num_cached_tokens for o in outputs[:2]) > 0
         for i, request in enumerate(outputs):
