@@ -375,16 +375,3 @@ def trace_from_native(
     layout = spec.layout_id
     return RoutingTrace.from_ids(moe, spec.num_experts, prompt_len=prompt_len, token_ids=token_ids, layout=layout)
 
-
-def request_sample_index(request_id: str, first_request: int = 0) -> tuple[int, int]:
-    """``(prompt index, sample index)`` of a vLLM v1 request id: ``"{sample}_{parent}"`` with n > 1, else the parent.
-
-    The offline ``LLM`` numbers parents with a counter that keeps running across ``generate`` calls; pass the first
-    parent id of the batch as ``first_request``.
-    """
-    sample, sep, parent = request_id.partition("_")
-    if not sep:
-        sample, parent = "0", request_id
-    if not (sample.isdigit() and parent.isdigit()):
-        raise RoutingError(f"request id {request_id!r} is not a vLLM offline id ('N' or 'K_N')")
-    return int(parent) - first_request, int(sample)

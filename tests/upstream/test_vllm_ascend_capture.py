@@ -230,3 +230,34 @@ def test_the_v091_layout_is_absent_from_the_pinned_tree(capture):
     assert rows["vllm_ascend.ops.fused_moe.AscendFusedMoE.forward"]["found"] is False
     with pytest.raises(RoutingError, match=r"targets not found.*ops\.fused_moe\.AscendFusedMoE\.forward"):
         capture.apply("0.9.1")
+
+
+def test_with_r3_the_engine_installs_capture_before_it_builds_vllm(capture, integration):
+    """The patched ``VLLMInferEngine.__init__`` installs the adapter before the original body builds the ``LLM``
+    (and so before any graph capture); without R3 it installs nothing."""
+    from mindspeed_rl.models.rollout.vllm_engine import VLLMInferEngine
+
+    from mindspeed_rl_r3.patches import mindspeed_rl_rollout
+
+    integration()
+    assert getattr(VLLMInferEngine.__init__, mindspeed_rl_rollout.PATCHES.mark, False)
+    seen: list[list[str]] = []
+    body = mindspeed_rl_rollout.engine_init_capture_wrapper(
+        lambda self, *args, **kwargs: seen.append(sorted(capture.PATCHES.installed))
+    )
+    body(object(), "tokenizer")
+    assert {FORWARD_IMPL, EXECUTE_MODEL, CAPTURE_MODEL} <= set(seen[0])
+
+
+def test_without_r3_the_engine_installs_no_capture(capture, integration):
+    from mindspeed_rl_r3.patches import mindspeed_rl_rollout
+
+    from mindspeed_rl_r3.integration.runtime import active
+
+    integration({"r3": {"mode": "disabled"}, "aqn": {"enabled": True}})
+    seen: list[tuple[bool, list[str]]] = []
+    body = mindspeed_rl_rollout.engine_init_capture_wrapper(
+        lambda self, *args, **kwargs: seen.append((active() is not None, list(capture.PATCHES.installed)))
+    )
+    body(object(), "tokenizer")
+    assert seen == [(True, [])]  # the integration is active (AQN), and no capture was installed
