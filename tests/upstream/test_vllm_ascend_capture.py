@@ -250,9 +250,8 @@ def test_with_r3_the_engine_installs_capture_before_it_builds_vllm(capture, inte
 
 
 def test_without_r3_the_engine_installs_no_capture(capture, integration):
-    from mindspeed_rl_r3.patches import mindspeed_rl_rollout
-
     from mindspeed_rl_r3.integration.runtime import active
+    from mindspeed_rl_r3.patches import mindspeed_rl_rollout
 
     integration({"r3": {"mode": "disabled"}, "aqn": {"enabled": True}})
     seen: list[tuple[bool, list[str]]] = []
