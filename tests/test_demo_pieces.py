@@ -66,3 +66,71 @@ def test_rollout_engine_choice(monkeypatch, capsys, tmp_path):
     assert main(["demo", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "found 0.11.0" in err and "--rollout hf" in err and ".[cpu,vllm]" in err
+
+
+def test_arithmetic_problems_score_with_the_gsm8k_reward():
+    from mindspeed_rl_r3.data.gsm8k import gsm8k_reward
+    from mindspeed_rl_r3.demo.pipeline import label, load_problems
+    from mindspeed_rl_r3.demo.problems import arithmetic_gsm8k
+
+    rows = arithmetic_gsm8k(50, seed=3)
+    assert rows == arithmetic_gsm8k(50, seed=3)
+    for row in rows:
+        assert row["question"].startswith("What is ") and "<<" in row["answer"]
+        assert gsm8k_reward(row["answer"], label(row["answer"])) == 1.0 and int(label(row["answer"])) >= 0
+    pool, held_out, _ = load_problems(None, 8, 64, seed=0)
+    assert len(pool) == 8 and len(held_out) == 64
+    assert not {p["question"] for p in pool} & {p["question"] for p in held_out}  # held out from GRPO
+    with pytest.raises(ValueError, match="distinct questions"):
+        load_problems(None, 100, 100, seed=0)  # only ~155 sums and differences of 0..9 exist
+
+
+def test_every_step_trains_on_the_pool_in_the_same_order():
+    from mindspeed_rl_r3.demo.pipeline import step_batch
+
+    pool = [{"question": str(i), "answer": "#### 0"} for i in range(5)]
+    assert [p["question"] for p in step_batch(pool, 0, 3)] == ["0", "1", "2"]
+    assert [p["question"] for p in step_batch(pool, 1, 3)] == ["3", "4", "0"]  # cycled
+    assert step_batch(pool, 4, 5) == pool
+
+
+def test_warm_start_is_cached_and_keeps_router_and_mlp_norm_frozen(tmp_path):
+    pytest.importorskip("transformers")
+    import random
+
+    from mindspeed_rl_r3.demo.problems import arithmetic_gsm8k
+    from mindspeed_rl_r3.demo.warm_start import WarmStartSettings, _noisy_final_answers, cache_path, warm_start_state
+
+    model = DemoModelSettings(layers=2, experts=4, topk=2, hidden=64, heads=2, kv_heads=1)
+    warm = WarmStartSettings(steps=3, batch=4, threads=1)
+    assert cache_path(model, warm, 0, tmp_path) == cache_path(model, WarmStartSettings(steps=3, batch=4), 0, tmp_path)
+    assert cache_path(model, warm, 0, tmp_path) != cache_path(model, warm, 1, tmp_path)
+    state, info = warm_start_state(model, warm, 0, tmp_path)
+    assert info["source"] == "trained" and cache_path(model, warm, 0, tmp_path).is_file()
+    again, info = warm_start_state(model, warm, 0, tmp_path)
+    assert info["source"] == "cache" and all(torch.equal(state[k], again[k]) for k in state)
+    init = initial_hf_state(model, 0)
+    for name, value in state.items():
+        frozen = any(part in name for part in warm.frozen)
+        assert torch.equal(value, init[name]) == frozen, name  # everything else trained (Adam moves every entry)
+    rows = arithmetic_gsm8k(400, seed=1)
+    noisy = _noisy_final_answers(rows, 0.5, random.Random(0))
+    changed = [(a, b) for a, b in zip(rows, noisy, strict=True) if a != b]
+    assert 150 < len(changed) < 250
+    for a, b in changed:  # the worked line stays right, only the final answer is off
+        assert a["answer"].rsplit("#### ", 1)[0] == b["answer"].rsplit("#### ", 1)[0]
+
+
+@pytest.mark.shared_data
+def test_real_gsm8k_plugs_in_with_data():
+    from pathlib import Path
+
+    from mindspeed_rl_r3.demo.pipeline import label, load_problems
+
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+    if not path.is_file():
+        pytest.skip(f"real GSM8K not present at {path}")
+    pool, held_out, source = load_problems(str(path), 8, 64, seed=0)
+    assert source == str(path) and len(pool) == 8 and len(held_out) == 64
+    assert all(label(row["answer"]) for row in pool + held_out)  # every row has a final number to score against
+    assert not {p["question"] for p in pool} & {p["question"] for p in held_out}

@@ -101,7 +101,7 @@ def _demo_mistake(args: argparse.Namespace) -> str | None:
         ("--max-new-tokens", args.max_new_tokens, 1),
         ("--group-size", args.group_size, 2),
     ):
-        if value < low:
+        if value is not None and value < low:
             why = " (GRPO compares the samples of a prompt: with one, every advantage is 0)" if low == 2 else ""
             return f"{option} must be >= {low}, got {value}{why}"
     out = Path(args.out)
@@ -144,17 +144,16 @@ def _demo(args: argparse.Namespace) -> int:
     from mindspeed_rl_r3.demo.workers import DemoSettings
 
     settings = DemoSettings()
+    given = {"steps": args.steps, "prompts_per_step": args.prompts, "group_size": args.group_size}
+    given["max_new_tokens"] = args.max_new_tokens
     settings = replace(
         settings,
-        steps=args.steps,
+        **{k: v for k, v in given.items() if v is not None},  # unset: DemoSettings' default
         seed=args.seed,
-        prompts_per_step=args.prompts,
-        group_size=args.group_size,
-        max_new_tokens=args.max_new_tokens,
         aqn=replace(settings.aqn, enabled=not args.no_aqn),
         rollout=args.rollout,
     )
-    runs = 2 if args.compare else 1
+    runs = 3 if args.compare else 1  # --compare: R3 off, R3 on, and R3 on with AQN toggled
     bar = tqdm(total=settings.steps * runs, desc="demo", unit="step", file=sys.stderr, disable=args.quiet)
 
     def progress(message: str) -> None:
@@ -166,12 +165,12 @@ def _demo(args: argparse.Namespace) -> int:
     if args.json:
         print(strict_json.dumps(result))
         return 0
-    for name in ("r3_off", "r3_on"):
+    for name in ("r3_off", "r3_on", "r3_on_no_aqn", "r3_on_aqn"):
         if name in result:
             r = result[name]
             print(
-                f"{name:<7} k3_kl {r['k3_kl']:.3e}  extreme_frac {r['extreme_frac']:.4f}  "
-                f"routing_mismatch {r['routing_mismatch']:.4f}  reward {r['reward']:.3f}"
+                f"{name:<12} reward {r['reward_first']:.3f} -> {r['reward_last']:.3f}  k3_kl {r['k3_kl']:.3e}  "
+                f"routing_mismatch {r['routing_mismatch']:.4f}  kl_ref {r['kl_ref']:.2e}"
             )
     if "k3_ratio_on_over_off" in result:
         print(f"k3 R3 on / off: {result['k3_ratio_on_over_off']:.3f}")
@@ -281,11 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         suite.set_defaults(run=_bench)
 
     demo = _command(commands, "demo", "the CPU reference pipeline: GRPO + R3 + AQN + LoRA on a tiny Qwen3-MoE")
-    demo.add_argument("--compare", action="store_true", help="run R3 off, then on, from the same seed and weights")
-    demo.add_argument("--steps", type=int, default=4, help="GRPO steps per run")
-    demo.add_argument("--prompts", type=int, default=8, help="prompts per step")
-    demo.add_argument("--group-size", type=int, default=4, help="samples per prompt (GRPO n)")
-    demo.add_argument("--max-new-tokens", type=int, default=48, help="longest response the rollout generates")
+    demo.add_argument(
+        "--compare", action="store_true", help="R3 off, R3 on, R3 on with AQN toggled: same weights, prompts, seeds"
+    )
+    demo.add_argument("--steps", type=int, help="GRPO steps per run (default 12)")
+    demo.add_argument("--prompts", type=int, help="prompts per step (default 8)")
+    demo.add_argument("--group-size", type=int, help="samples per prompt, GRPO n (default 8)")
+    demo.add_argument("--max-new-tokens", type=int, help="longest response the rollout generates (default 40)")
     demo.add_argument("--data", help="GSM8K jsonl/parquet (default: built-in GSM8K-format problems)")
     demo.add_argument("--out", default="demo_out", help="folder for demo.json and the PNG plots")
     demo.add_argument("--no-aqn", action="store_true", help="rollout without adaptive quantization noise")

@@ -43,6 +43,6 @@ def grpo_loss(
         d = ref_logp - logp
         kl = ((torch.exp(d) - 1 - d) * m).sum() / denom
         loss = loss + kl_coef * kl
-        stats["kl_ref"] = float(kl)
-    stats["loss"] = float(loss)
+        stats["kl_ref"] = float(kl.detach())
+    stats["loss"] = float(loss.detach())
     return loss, stats

@@ -1,10 +1,11 @@
 """The demo's tiny Qwen3-MoE, built identically as a transformers model (rollout) and a Megatron GPTModel (trainer).
 
 Settings are the smallest calibrated size, documented in ``docs/demo.md`` (hidden 128, 4 layers, 4 query / 2 KV heads,
-16 experts, top-4) with expert ``down_proj`` x3 and ``lm_head`` x10 after the default init. Why: only the rollout's
+16 experts, top-4) with expert ``down_proj`` x10 and ``lm_head`` x10 after the default init. Why: only the rollout's
 reduced precision creates routing flips, and R3's benefit grows with how much the MoE output matters to the residual
-stream; at default init the experts barely matter (R3 cuts k3 to 0.6-0.8x), with experts x3, closer to a trained
-model, R3 cuts it to about 0.1x. The router is left unscaled: a sharper router makes flips cheap and weakens R3.
+stream. At random init experts x3 already let R3 cut k3 to about 0.1x; the demo's warm start (``demo.warm_start``)
+trains everything but the router and its norm and so shrinks the experts' share again, and x10 keeps R3's cut near
+0.3x after it. The router is left unscaled: a sharper router makes flips cheap and weakens R3.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class DemoModelSettings:
     moe_ffn: int = 64
     vocab: int = 512
     max_len: int = 512
-    expert_scale: float = 3.0
+    expert_scale: float = 10.0
     lm_head_scale: float = 10.0
     router_scale: float = 1.0
     rope_theta: float = 1_000_000.0

@@ -17,20 +17,31 @@ from mindspeed_rl_r3.aqn import AQNConfig, RolloutNoise
 from mindspeed_rl_r3.demo.grpo import group_advantages, grpo_loss, token_log_probs
 from mindspeed_rl_r3.demo.model import DemoModelSettings, hf_model, megatron_model
 from mindspeed_rl_r3.demo.tokenizer import ByteTokenizer
+from mindspeed_rl_r3.demo.warm_start import WarmStartSettings
 from mindspeed_rl_r3.replay.metrics import logprob_mismatch
-from mindspeed_rl_r3.replay.state import ReplayConfig, RouterAction, RouterReplayState
+from mindspeed_rl_r3.replay.state import ReplayConfig, RouterAction, RouterReplayState, action_for
 from mindspeed_rl_r3.routing import RoutingTrace, decode_group, encode_group, validate_trace
 from mindspeed_rl_r3.routing.layout import RouterTokenLayout, layout_micro_batch
 
 
 @dataclass(frozen=True)
 class DemoSettings:
+    """Everything a demo run depends on. The arms of ``--compare`` share one instance and differ only in ``r3``
+    (and, for the quantization evaluation's extra arm, ``aqn.enabled``).
+
+    ``warm_start``: the supervised warm start that lets the model earn reward (None: the calibrated random init,
+    reward near 0). ``train_prompts``: the fixed pool of training problems, cycled in the same order in every arm.
+    ``eval_prompts``: held-out problems for the greedy evaluation before the first and after the last step, and for
+    the fake-quantization evaluation (0 skips both). ``replay_reference``: with R3, the reference (KL) forward replays
+    the rollout's routing, as ``r3.replay_reference`` does on the cluster.
+    """
+
     model: DemoModelSettings = field(default_factory=DemoModelSettings)
-    steps: int = 4
+    steps: int = 12
     prompts_per_step: int = 8
-    group_size: int = 4
-    max_new_tokens: int = 48
-    micro_batch_size: int = 8
+    group_size: int = 8
+    max_new_tokens: int = 40
+    micro_batch_size: int = 16
     lr: float = 2e-3
     lora_r: int = 8
     lora_alpha: int = 16
@@ -40,6 +51,11 @@ class DemoSettings:
     aqn: AQNConfig = field(
         default_factory=lambda: AQNConfig(enabled=True, sigma_start=0.01, sigma_end=0.001, num_stages=4, seed=1234)
     )
+    warm_start: WarmStartSettings | None = field(default_factory=WarmStartSettings)
+    cache_dir: str | None = None
+    train_prompts: int = 8
+    eval_prompts: int = 64
+    replay_reference: bool = True
     threads_per_actor: int = 1
     rollout: str = "vllm"  # "vllm": the real vLLM engine (demo.vllm_rollout); "hf": transformers' generate
     rollout_dtype: str = "bfloat16"
@@ -175,7 +191,10 @@ class TrainerWorker:
             base.config, settings.lora_r, settings.lora_alpha, ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
         )
         self.model = get_peft_model(base, lora)
-        self.state = RouterReplayState(ReplayConfig(mode="R3" if r3 else "disabled", alarm_min_rows=64))
+        self.replay = ReplayConfig(
+            mode="R3" if r3 else "disabled", replay_reference=r3 and settings.replay_reference, alarm_min_rows=64
+        )
+        self.state = RouterReplayState(self.replay)
         self.layers = megatron_router.bind_replay(self.model, self.state)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=settings.lr)
         self._maps: dict[int, torch.Tensor] = {}
@@ -264,13 +283,7 @@ class TrainerWorker:
             start = len(rollout["prompts"][i]) - 1
             rollout_logp[i, start : start + lp.numel()] = lp
         mismatch = logprob_mismatch(old_logp, rollout_logp, response_mask)
-        ref_logp = None
-        if self.settings.kl_coef > 0:
-            from mindspeed_rl_r3.lora.reference import adapters_disabled
-
-            with adapters_disabled(self.model):
-                ref, _ = self._pass(RouterAction.NATIVE, tokens, lens, traces)
-            ref_logp = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in ref])
+        ref_logp, ref_kl = self._reference(tokens, lens, traces, old_logp, response_mask)
 
         advantages = group_advantages(torch.tensor(rewards), self.settings.group_size)
         stats: dict[str, float] = {}
@@ -293,8 +306,7 @@ class TrainerWorker:
             for k, v in st.items():
                 stats[k] = stats.get(k, 0.0) + v * float(response_mask[mb, :s].sum() / total)
 
-        update_action = RouterAction.REPLAY if self.r3 else RouterAction.NATIVE
-        self._pass(update_action, tokens, lens, traces, grad_fn=backward)
+        self._pass(action_for(self.replay, "update"), tokens, lens, traces, grad_fn=backward)
         self.optimizer.step()
         self.model.eval()
         recorded = seen["recorded"].clamp(min=1)
@@ -308,5 +320,33 @@ class TrainerWorker:
             "replay_agreement": 1.0 - float(seen["mismatch"].sum() / recorded.sum()),
             "fallback_fraction": self.state.metrics().get("r3/fallback_fraction", float("nan")),
             "response_tokens": int(response_mask.sum()),
+            **ref_kl,
             **stats,
         }
+
+    def _reference(self, tokens, lens, traces, policy_logp, response_mask) -> tuple[torch.Tensor | None, dict]:
+        """The reference log-probs the loss uses (adapters off; routing per ``action_for(..., "reference")``) and the
+        k3 KL of the policy (before this step's update) to the reference forward with either routing.
+
+        With R3 both are measured, so the report shows how much of the KL is a routing difference rather than the
+        weights' change: ``kl_ref_native`` routes the reference natively, ``kl_ref_replayed`` replays the rollout's
+        routing in it. Without R3 the policy routes natively too, and only ``kl_ref_native`` exists.
+        """
+        from mindspeed_rl_r3.lora.reference import adapters_disabled
+
+        width = tokens.shape[1] - 1
+        actions = {"kl_ref_native": RouterAction.NATIVE}
+        if self.r3:
+            actions["kl_ref_replayed"] = RouterAction.REPLAY
+        used = action_for(self.replay, "reference")
+        ref_logp, kls = None, {}
+        m = response_mask.float()
+        for key, action in actions.items():
+            with adapters_disabled(self.model):
+                ref, _ = self._pass(action, tokens, lens, traces)
+            logp = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in ref])
+            d = logp - policy_logp
+            kls[key] = float(((torch.exp(d) - 1 - d) * m).sum() / m.sum().clamp(min=1))
+            if action is used:
+                ref_logp = logp
+        return (ref_logp if self.settings.kl_coef > 0 else None), kls

@@ -20,6 +20,9 @@ class ReplayConfigError(ValueError):
 class ReplayConfig:
     """The ``r3:`` settings that the training side reads.
 
+    ``replay_reference``: under R3, the reference (KL) forward replays the rollout's routing too, so the KL term
+    measures the weights' change rather than a routing difference. Off here (the reference needs the routing column
+    only when asked); the shipped cluster configs turn it on, for the reasons measured in ``docs/replay.md``.
     ``aux_loss_routing``: whether the load-balancing loss counts the replayed selection or the one the live router
     would make. Default ``native``: the loss shapes the router's own preferences, as Megatron 0.16's built-in replay
     does; ``replayed`` (counts the experts that really process the tokens) is available on megatron-core 0.12.x.
