@@ -130,16 +130,21 @@ def prepare_job(
 
     Raises ConfigError / ValueError / FileNotFoundError for a config that cannot run, before anything starts.
     """
+    from mindspeed_rl_r3 import autopatch
     from mindspeed_rl_r3.integration.settings import encode_sections
 
-    msrl_config, sections, (rl_config, _, generate_config) = check_config(
-        compose_config(config_name, config_path, overrides)
-    )
+    config = compose_config(config_name, config_path, overrides)
+    # Publish the sections and install the import hook before anything imports MindSpeed-RL (check_config does):
+    # Ray's @ray.remote copies every method of a worker class, inherited ones included, into the actor class when
+    # the worker module is imported, so a patch installed later never reaches the actors.
+    _, sections = split_sections(config)
     if sections:
         os.environ[ENV_SECTIONS] = encode_sections(sections)
     else:
         os.environ.pop(ENV_SECTIONS, None)
         print("mindspeed_rl_r3.train: no r3 / aqn / lora_extras sections: plain MindSpeed-RL GRPO", file=sys.stderr)
+    autopatch.install()
+    msrl_config, sections, (rl_config, _, generate_config) = check_config(config)
     config_dir = Path(config_path).resolve() if config_path is not None else REPO_CONFIGS
     return msrl_config, job_runtime_env(rl_config, generate_config, config_dir)
 
@@ -174,8 +179,11 @@ def run_job(msrl_config: Mapping[str, Any], runtime_env: Mapping[str, Any]) -> N
     autopatch.install()
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in this process; the job's runtime_env cannot carry the patches")
+    from mindspeed_rl_r3.patches import cpu_backend
+
     upstream = _import_upstream_entry()
-    ray.init(runtime_env=dict(runtime_env))
+    local = cpu_backend.ray_local_cluster(msrl_config) if cpu_backend.installed() else {}
+    ray.init(runtime_env=dict(runtime_env), **local)
     ray.get(upstream.train.remote(upstream_config(msrl_config)))
 
 

@@ -14,7 +14,14 @@ sources. What cannot load on a CPU machine is replaced here, and nothing else:
 - ``Tensor.npu``: identity (MindSpeed-RL's loss functions move masks with ``.npu()``).
 - ``torch.tensor`` / ``zeros`` / ``ones`` with ``device='npu'`` or ``'cuda'``: on the CPU, as transfer_to_npu
   sends ``'cuda'`` to the NPU (MindSpeed-RL's seqlen_balancing / context_parallel, megatron-core's schedules).
-- megatron-core's CUDA assumptions: :mod:`mindspeed_rl_r3.patches.megatron_cpu` (RNG trackers, ``current_device``).
+- megatron-core's CUDA assumptions: :mod:`mindspeed_rl_r3.patches.megatron_cpu` (RNG trackers, ``current_device``,
+  the bf16 optimizer's ``torch.cuda.*`` type names).
+- ``torch.cuda`` streams (transfer_to_npu's redirection to ``torch.npu``); HCCL process groups created as gloo.
+- Fix-ups run right after an upstream module is imported (``AFTER_IMPORT``), each answering one call of MindSpeed-RL's
+  GRPO flow (``cli/train_grpo.py`` with ``mindspeed_rl_r3.train --cpu-backend``): ``initialize_megatron`` on one CPU
+  "device"; MindSpeed's CANN ``reuse_data_ptr`` and ``npu_gmm``; vLLM's one-rank EP/DP groups at world size 1; the
+  Megatron-to-vLLM weight load (self-copies, ``weight_loader_v2``); vLLM's CPU kernels reading live weights.
+- Ray: :func:`ray_local_cluster` declares the "NPU" resource MindSpeed-RL's workers request.
 
 :func:`install` refuses when a real ``torch_npu`` is importable: on an NPU machine nothing here is ever active.
 :func:`upstream_paths` returns the pinned upstream folders (``../shared/upstream`` beside a checkout, or
@@ -259,7 +266,182 @@ class _CpuNpu(types.ModuleType):
         return contextlib.nullcontext()
 
 
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs a fix-up on an upstream module right after it is imported (``AFTER_IMPORT``)."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        fixup = AFTER_IMPORT.get(fullname)
+        if fixup is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        real_exec = spec.loader.exec_module
+
+        def exec_module(module: types.ModuleType) -> None:
+            real_exec(module)
+            fixup(module)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+@contextlib.contextmanager
+def _one_cpu_device() -> Any:
+    """For MindSpeed-RL's ``_initialize_distributed``: it initialises megatron's model-parallel state only when
+    ``torch.cuda.device_count() > 0`` and then selects the Ray "NPU" with ``torch.cuda.set_device``;
+    ``_compile_dependencies`` (MindSpeed's) runs ``make`` on megatron's C++ dataset helpers, which the registry wheel
+    does not ship and MindSpeed-RL's datasets never use."""
+    from megatron.core.datasets import utils as dataset_utils
+
+    saved = torch.cuda.device_count, torch.cuda.set_device, dataset_utils.compile_helpers
+    torch.cuda.device_count, torch.cuda.set_device = (lambda: 1), (lambda device: None)
+    dataset_utils.compile_helpers = lambda: None
+    try:
+        yield
+    finally:
+        torch.cuda.device_count, torch.cuda.set_device, dataset_utils.compile_helpers = saved
+
+
+def _fix_train_grpo(module: types.ModuleType) -> None:
+    """``cli/train_grpo.py``: its ``initialize_megatron`` (what every worker's ``setup_distributed_rank`` calls) with
+    ``allow_no_cuda=True`` on one CPU "device"."""
+    real = module.initialize_megatron
+
+    def initialize_megatron(*args: Any, **kwargs: Any) -> Any:
+        with _one_cpu_device():
+            return real(*args, **{**kwargs, "allow_no_cuda": True})
+
+    initialize_megatron.__wrapped__ = real  # type: ignore[attr-defined]
+    module.initialize_megatron = initialize_megatron
+
+
+def _reuse_data_ptr(dst: torch.Tensor, src: torch.Tensor, offset: int) -> None:
+    """MindSpeed's CANN ``reuse_data_ptr(dst, src, offset)``: ``dst`` becomes a view of ``src``'s memory from
+    element ``offset`` (in ``dst``'s dtype), as MindSpeed-RL's offloader re-points parameters at flat buffers."""
+    flat = src.detach().reshape(-1)
+    if flat.dtype != dst.dtype:
+        flat = flat.view(dst.dtype)
+    dst.data = flat[offset : offset + dst.numel()].view(dst.shape)
+
+
+def _fix_algorithm_builder(module: types.ModuleType) -> None:
+    """``AlgorithmOpBuilder().load()`` (MindSpeed-RL's ``MegatronOffLoader.__init__``) compiles a CANN extension: the
+    CPU answer to its one op instead."""
+    module.AlgorithmOpBuilder.load = lambda self, *a, **k: types.SimpleNamespace(reuse_data_ptr=_reuse_data_ptr)
+
+
+def _fix_vllm_parallel_state(module: types.ModuleType) -> None:
+    """MindSpeed-RL's world-size-1 ``initialize_model_parallel`` builds vLLM's TP and PP groups only; vLLM's own
+    ``Qwen3MoeSparseMoeBlock`` (the CPU platform's model; vllm-ascend's NPU layers never ask) reads ``get_ep_group()``
+    and ``get_dp_group()``, and ``get_dp_range_indexes(use_vllm=True)`` reads ``_TP_GROUP_RANKS``: one-rank ones."""
+    real = module.initialize_model_parallel
+
+    def initialize_model_parallel(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)
+        from vllm.distributed import parallel_state as ps
+
+        backend = torch.distributed.get_backend(ps.get_world_group().device_group)
+        local_rank = ps.get_world_group().local_rank
+        ranks = [list(range(torch.distributed.get_world_size()))]
+        for name in ("_DP", "_EP"):
+            if getattr(ps, name, None) is None:
+                setattr(ps, name, ps.init_model_parallel_group(ranks, local_rank, backend, group_name=name[1:].lower()))
+        if module._TP_GROUP_RANKS is None:
+            module._TP_GROUP_RANKS = ranks
+
+    module.initialize_model_parallel = initialize_model_parallel
+
+
+def _fix_megatron_weight_loaders(module: types.ModuleType) -> None:
+    """``qwen_megatron_weight_loader`` re-lays expert weights with ``w.copy_(w.view(...).contiguous())``: the same
+    bytes onto themselves, which the NPU copies and CPU torch refuses as overlapping; during the weight load such a
+    self-copy is the no-op it is on the device."""
+    real = module.load_megatron_weights
+
+    def load_megatron_weights(*args: Any, **kwargs: Any) -> Any:
+        real_copy = torch.Tensor.copy_
+
+        def copy_(dst: torch.Tensor, src: Any, *cargs: Any, **ckwargs: Any) -> torch.Tensor:
+            same_bytes = (
+                isinstance(src, torch.Tensor) and src.dtype == dst.dtype and src.numel() == dst.numel()
+                and src.is_contiguous() and dst.is_contiguous() and src.data_ptr() == dst.data_ptr()
+            )  # fmt: skip
+            return dst if same_bytes else real_copy(dst, src, *cargs, **ckwargs)
+
+        torch.Tensor.copy_ = copy_  # type: ignore[method-assign]
+        try:
+            return real(*args, **kwargs)
+        finally:
+            torch.Tensor.copy_ = real_copy  # type: ignore[method-assign]
+
+    module.load_megatron_weights = load_megatron_weights
+    real_update = module.update_megatron_weight_loader
+
+    def update_megatron_weight_loader() -> None:
+        # vLLM's CPU linear method (UnquantizedLinearMethod) binds weight_loader_v2, vllm-ascend's NPU one the
+        # weight_loader MindSpeed-RL replaces here: give both names the Megatron loader
+        real_update()
+        from vllm.model_executor.layers import linear
+
+        for cls in vars(linear).values():
+            if isinstance(cls, type) and issubclass(cls, linear.LinearBase) and "weight_loader_v2" in vars(cls):
+                cls.weight_loader_v2 = cls.weight_loader
+
+    module.update_megatron_weight_loader = update_megatron_weight_loader
+
+
+def _live_cpu_linear(layer: torch.nn.Module, remove_weight: bool) -> None:
+    """vLLM's ``dispatch_cpu_unquantized_gemm``: a plain linear on the live ``weight``, kept in place."""
+    layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias)
+
+
+def _fix_vllm_layer_utils(module: types.ModuleType) -> None:
+    """vLLM's CPU linears pack a oneDNN copy of each weight at load and drop the parameter; MindSpeed-RL's weight sync
+    re-points the parameters afterwards (vllm-ascend's layers read them at call time): read the live ones."""
+    module.dispatch_cpu_unquantized_gemm = _live_cpu_linear
+
+
+def _fix_vllm_cpu_fused_moe(module: types.ModuleType) -> None:
+    """vLLM's x86 fused MoE (IPEX ``GatedMLPMOE`` / SGL) packs the expert weights at load, so synced experts would be
+    ignored; its plain ``CPUFusedMOE`` reads ``w13_weight`` / ``w2_weight`` at call time, as vllm-ascend's does."""
+    module.IPEXFusedMOE = module.SGLFusedMOE = module.CPUFusedMOE
+
+
+def _fix_mindspeed_grouped_matmul(module: types.ModuleType) -> None:
+    """MindSpeed's ``Ops.gmm`` (megatron's ``grouped_gemm_util.ops`` with grouped GEMM on; MindSpeed-LLM's LoRA
+    experts call it) runs the CANN ``npu_gmm``: the CPU grouped GEMM instead, same rows-per-expert contract."""
+    module.Ops.gmm = staticmethod(_cpu_gmm)
+
+
+def _fix_vllm_gpu_model_runner(module: types.ModuleType) -> None:
+    """MindSpeed-RL's ``initialize_kv_cache`` patch keeps ``NPUModelRunner``'s attention backends when
+    ``init_cache_engine`` re-allocates the KV cache each iteration; on the CPU the runner is vLLM's ``GPUModelRunner``,
+    which asserts they are built once: the same guard there."""
+    build = module.GPUModelRunner.__dict__["initialize_attn_backend"]
+    if getattr(build, MARK, False):
+        return
+
+    def initialize_attn_backend(self: Any, kv_cache_config: Any) -> None:
+        return None if self.attn_groups else build(self, kv_cache_config)
+
+    setattr(initialize_attn_backend, MARK, True)
+    _set(module.GPUModelRunner, "initialize_attn_backend", initialize_attn_backend)
+
+
+AFTER_IMPORT: dict[str, Callable[[types.ModuleType], None]] = {
+    "vllm.v1.worker.gpu_model_runner": _fix_vllm_gpu_model_runner,
+    "mindspeed.core.fusions.grouped_matmul": _fix_mindspeed_grouped_matmul,
+    "vllm.model_executor.layers.utils": _fix_vllm_layer_utils,
+    "vllm.model_executor.layers.fused_moe.cpu_fused_moe": _fix_vllm_cpu_fused_moe,
+    "mindspeed_rl.models.rollout.vllm_adapter.megatron_weight_loaders": _fix_megatron_weight_loaders,
+    "mindspeed_rl.models.rollout.vllm_adapter.vllm_parallel_state": _fix_vllm_parallel_state,
+    "cli.train_grpo": _fix_train_grpo,
+    "mindspeed.op_builder.algorithm_builder": _fix_algorithm_builder,
+}
+
 _finder: _StandinFinder | None = None
+_after_import: _AfterImport | None = None
 _originals: list[tuple[Any, str, Any]] = []
 
 
@@ -302,10 +484,22 @@ def install() -> None:
             raise CpuBackendError(f"{name} is already imported and is not a stand-in; install the backend first")
     _finder = _StandinFinder()
     sys.meta_path.insert(0, _finder)
+    global _after_import
+    _after_import = _AfterImport()
+    sys.meta_path.insert(0, _after_import)
+    for name, fixup in AFTER_IMPORT.items():  # already imported (a test session): fix it now
+        if name in sys.modules:
+            fixup(sys.modules[name])
     _set(torch, "npu", _CpuNpu())
     sys.modules["torch.npu"] = torch.npu
     _set(torch.Tensor, "npu", _identity_move)
     _set(torch.Tensor, "cuda", _identity_move)  # transfer_to_npu's .cuda(): BaseWorker.broadcast_data_hccl
+    # transfer_to_npu sends torch.cuda's stream calls to torch.npu (megatron's alltoall_seq dispatcher syncs one)
+    for name in ("current_stream", "Stream", "stream", "synchronize"):
+        _set(torch.cuda, name, getattr(torch.npu, name))
+    # HCCL groups (vllm-ascend's GroupCoordinator, MindSpeed-RL's vLLM parallel state): gloo carries them on CPU
+    for name in ("new_group", "init_process_group"):
+        _set(torch.distributed, name, _gloo_for_hccl(getattr(torch.distributed, name)))
     for factory in ("tensor", "zeros", "ones"):  # 'npu' / 'cuda' device strings in MindSpeed-RL and megatron-core
         _set(torch, factory, _device_on_cpu(getattr(torch, factory)))
 
@@ -313,6 +507,22 @@ def install() -> None:
 
     enable_megatron_on_cpu()
     _install_grouped_gemm()
+    # MindSpeed-LLM's LoRA (megatron_adaptor's get_peft_model) on this environment's peft 0.21, not its 0.7.1 pin
+    if importlib.util.find_spec("peft") is not None:
+        from mindspeed_rl_r3.patches import peft_megatron
+
+        peft_megatron.apply()
+
+
+def _gloo_for_hccl(real: Callable[..., Any]) -> Callable[..., Any]:
+    def create(*args: Any, **kwargs: Any) -> Any:
+        if str(kwargs.get("backend", "")).lower() == "hccl":
+            kwargs["backend"] = "gloo"
+            kwargs.pop("pg_options", None)  # HCCL options (torch_npu's) mean nothing to gloo
+        return real(*args, **kwargs)
+
+    create.__doc__ = real.__doc__
+    return create
 
 
 def _identity_move(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -338,8 +548,12 @@ def uninstall() -> None:
     global _finder
     if _finder is None:
         return
+    global _after_import
     sys.meta_path.remove(_finder)
     _finder = None
+    if _after_import is not None:
+        sys.meta_path.remove(_after_import)
+        _after_import = None
     for name in [m for m in sys.modules if m.split(".")[0] in STANDIN_ROOTS or m == "torch.npu"]:
         sys.modules.pop(name)
     while _originals:
@@ -403,7 +617,6 @@ def use_upstream(root: str | os.PathLike) -> list[str]:
     return added
 
 
-
 def ray_worker_setup() -> None:
     """Ray ``worker_process_setup_hook`` for CPU runs of MindSpeed-RL's actors: every worker process gets the
     stand-ins, the upstream sources of ``$MINDSPEED_RL_R3_UPSTREAM`` and the package's import hook (which patches
@@ -423,4 +636,18 @@ def ray_runtime_env(root: str | os.PathLike, env_vars: dict[str, str] | None = N
     return {
         "worker_process_setup_hook": f"{__name__}.ray_worker_setup",
         "env_vars": {ENV_UPSTREAM: str(Path(root).resolve()), "RAY_AUTH_MODE": "disabled", **(env_vars or {})},
+    }
+
+
+def ray_local_cluster(msrl_config: Any) -> dict[str, Any]:
+    """``ray.init`` arguments of a CPU run: a fresh local cluster that declares the "NPU"s MindSpeed-RL's workers
+    request (``rl_config.actor_resource.num_npus``; Ray maps its "NPU" resource to ids that ``ActorHybridWorker``
+    reads from ``get_accelerator_ids()["NPU"]``), and logical CPUs for its 8-CPU worker and 10-CPU TransferDock
+    requests (scheduling slots, not cores)."""
+    resources = msrl_config["rl_config"].get("actor_resource") or {}
+    return {
+        "address": "local",
+        "num_cpus": 32,
+        "resources": {"NPU": int(resources.get("num_npus", 1))},
+        "include_dashboard": False,
     }

@@ -65,12 +65,50 @@ def enable_megatron_on_cpu() -> None:
     mcore_random._get_cuda_rng_state = cpu_rng_state
     mcore_random._set_cuda_rng_state = set_cpu_rng_state
 
+    _cuda_type_names_in(_float16_optimizer_class())
+
     from megatron.core.transformer.moe import moe_utils
 
     for name in _TE_NAMES:
         if not hasattr(moe_utils, name):
             setattr(moe_utils, name, None)
     _ENABLED = True
+
+
+def _float16_optimizer_class() -> Any:
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    return Float16OptimizerWithFloat16Params
+
+
+def _cuda_named(real_type: Any) -> Any:
+    def cuda_named_type(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        name = real_type(tensor, *args, **kwargs)
+        if args or kwargs or tensor.device.type != "cpu":
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    return cuda_named_type
+
+
+def _cuda_type_names_in(cls: Any) -> None:
+    """``cls.__init__`` sees CPU tensors' ``type()`` as ``torch.cuda.*`` (megatron's bf16 optimizer accepts only
+    those names, as transfer_to_npu makes NPU tensors report them); everywhere else ``type()`` is untouched."""
+    real_init = cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        # MindSpeed patches ``type`` on Parameter as well as on Tensor: rename on each class that defines it
+        owners = [c for c in (torch.nn.Parameter, torch.Tensor) if "type" in c.__dict__]
+        saved = [(c, c.__dict__["type"]) for c in owners]
+        for owner, real_type in saved:
+            owner.type = _cuda_named(real_type)  # type: ignore[method-assign]
+        try:
+            real_init(self, *args, **kwargs)
+        finally:
+            for owner, real_type in saved:
+                owner.type = real_type  # type: ignore[method-assign]
+
+    cls.__init__ = __init__
 
 
 def _free_port() -> int:

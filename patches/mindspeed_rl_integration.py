@@ -61,8 +61,14 @@ MODULE_PATCHES: Mapping[str, list[Callable[[ModuleType], list[str]]]] = _merged(
 
 
 def patch_module(name: str, module: ModuleType) -> list[str]:
-    """Run every patch registered for ``name`` on the imported ``module``."""
-    return [p for patch in MODULE_PATCHES.get(name, ()) for p in patch(module)]
+    """Run every patch registered for ``name`` on the imported ``module``, then refresh the method copies Ray's actor
+    classes made before it (:mod:`mindspeed_rl_r3.patches.ray_actor_methods`)."""
+    from mindspeed_rl_r3.patches import ray_actor_methods
+
+    patched = [p for patch in MODULE_PATCHES.get(name, ()) for p in patch(module)]
+    if patched:
+        ray_actor_methods.refresh()
+    return patched
 
 
 def activate_from_environment() -> IntegrationRuntime | None:

@@ -62,6 +62,7 @@ TARGETS = (
     # Not patched; the merge relies on both update paths calling adjust_megatron_param_dict first.
     PatchTarget(f"{CONTAINER}._update_weight_buffers_intra_pp", RL_VERSIONS, ("self",)),
     PatchTarget(f"{CONTAINER}._update_weight_buffers_ep", RL_VERSIONS, ("self",)),
+    # Patched: lora_target_modules from a hydra config is a ListConfig, which it does not take for a list.
     PatchTarget(f"{CONTAINER}._unwrap_megatron_model", RL_VERSIONS, ("self", "model")),
     # A Ray actor class: the method resolves bound (no ``self``); apply() patches ``__ray_actor_class__``.
     PatchTarget(f"{WORKER}.compute_ref_log_prob", RL_VERSIONS, ()),
@@ -123,6 +124,21 @@ def adjust_megatron_param_dict_lora_wrapper(fn: Any) -> Any:
     return adjust_megatron_param_dict
 
 
+def unwrap_megatron_model_wrapper(fn: Any) -> Any:
+    """MindSpeed-RL unwraps the peft model only when ``lora_target_modules`` is a ``list``; from a hydra config it is
+    an OmegaConf ``ListConfig``, and the sync then looks up ``base_model.model.``-prefixed names: normalise first."""
+
+    @functools.wraps(fn)
+    def _unwrap_megatron_model(self: Any, model: Any) -> Any:
+        targets = _targets(self.model_config)
+        if targets and not isinstance(self.model_config.lora_target_modules, list):
+            self.model_config.lora_target_modules = targets
+        return fn(self, model)
+
+    setattr(_unwrap_megatron_model, _MARK, True)
+    return _unwrap_megatron_model
+
+
 def compute_ref_log_prob_reference_wrapper(fn: Any) -> Any:
     @functools.wraps(fn)
     def compute_ref_log_prob(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -179,6 +195,13 @@ def apply(worker_cls: Any = None, router_trainable: bool = False) -> list[str]:
         inherited=True,
     )
     patched.append(f"{ADAPTOR_MODULE}.Qwen3MoeMVWeightAdaptor.adjust_megatron_param_dict")
+    container_module, _, container_name = CONTAINER.rpartition(".")
+    PATCHES.wrap(
+        getattr(importlib.import_module(container_module), container_name),
+        "_unwrap_megatron_model",
+        unwrap_megatron_model_wrapper,
+    )
+    patched.append(f"{CONTAINER}._unwrap_megatron_model")
     if worker_cls is None:
         worker_module, _, worker_name = WORKER.rpartition(".")
         worker = getattr(importlib.import_module(worker_module), worker_name)

@@ -184,6 +184,7 @@ def replay_state(engine: Any, runtime: IntegrationRuntime) -> RouterReplayState:
 
         device = next(chunks[0].parameters()).device
         state = RouterReplayState(runtime.config.r3.replay, device=device)
+        register_router_replay()  # no-op when setup_distributed_rank registered them; routers look routing up per call
         megatron_router.bind_replay(chunks, state)
         setattr(chunks[0], REPLAY_STATE, state)
     return state

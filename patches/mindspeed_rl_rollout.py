@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -88,9 +89,20 @@ def install_capture(runtime: IntegrationRuntime) -> bool:
         )
     if version in _capture_installed:
         return False
-    vllm_ascend_capture.apply(version)
+    if _cpu_backend_installed():  # a CPU run: the engine is vLLM's own CPU FusedMoE / model runner, not vllm-ascend's
+        from mindspeed_rl_r3.patches import vllm_capture
+
+        vllm_capture.apply()
+    else:
+        vllm_ascend_capture.apply(version)
     _capture_installed.add(version)
     return True
+
+
+def _cpu_backend_installed() -> bool:
+    """Whether this process runs on the CPU backend (looked up, never imported: NPU machines never load it)."""
+    backend = sys.modules.get("mindspeed_rl_r3.patches.cpu_backend")
+    return bool(backend is not None and backend.installed())
 
 
 def engine_init_capture_wrapper(fn: Any) -> Any:

@@ -7,7 +7,8 @@ computes:
 (a) peft >= 0.19 no longer passes ``fan_in_fan_out`` to ``dispatch_megatron``, which reads it: the dispatcher is
     wrapped to fill it in from the ``LoraConfig``.
 (b) peft >= 0.14 ``LoraParallelLinear.update_layer`` never sets ``lora_bias[adapter]``, which
-    ``reset_lora_parameters`` reads: preset it to ``False`` (the layer rejects LoRA bias anyway).
+    ``reset_lora_parameters`` reads: preset it to ``False`` (the layer rejects LoRA bias anyway); also in
+    ``reset_lora_parameters`` itself, for subclasses with their own ``update_layer`` (MindSpeed-LLM's MoE LoRA).
 (c) peft >= 0.14 stopped unwrapping the ``(output, bias)`` tuples Megatron's parallel lora_A / lora_B return: a
     forward hook on those two sub-layers returns the output alone.
 (d) peft 0.13 - 0.17 read ``model.config`` as a dict: :func:`add_config_to_dict` gives the model's
@@ -36,6 +37,11 @@ TARGETS = (
         "peft.tuners.lora.tp_layer.LoraParallelLinear.update_layer",
         versions=VERSIONS,
         parameters=("self", "adapter_name", "r", "lora_alpha"),
+    ),
+    PatchTarget(
+        "peft.tuners.lora.layer.LoraLayer.reset_lora_parameters",
+        versions=VERSIONS,
+        parameters=("self", "adapter_name", "init_lora_weights"),
     ),
 )
 _MARK = "__r3_peft_megatron__"
@@ -83,9 +89,22 @@ def update_layer_wrapper(fn: Any) -> Any:
     return update_layer
 
 
+def reset_lora_parameters_wrapper(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def reset_lora_parameters(self: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        lora_bias = getattr(self, "lora_bias", None)
+        if isinstance(lora_bias, dict):
+            lora_bias.setdefault(adapter_name, False)
+        return fn(self, adapter_name, *args, **kwargs)
+
+    setattr(reset_lora_parameters, _MARK, True)
+    return reset_lora_parameters
+
+
 def apply() -> list[str]:
     """Install (a)-(c) (idempotent; (a) only where peft has ``dispatch_megatron``, 0.13+); returns the patched
     attribute paths."""
+    from peft.tuners.lora import layer as lora_layer
     from peft.tuners.lora import model as lora_model
     from peft.tuners.lora import tp_layer
 
@@ -95,6 +114,8 @@ def apply() -> list[str]:
         patched.append(TARGETS[0].path)
     PATCHES.wrap(tp_layer.LoraParallelLinear, "update_layer", update_layer_wrapper)
     patched.append(TARGETS[1].path)
+    PATCHES.wrap(lora_layer.LoraLayer, "reset_lora_parameters", reset_lora_parameters_wrapper)
+    patched.append(TARGETS[2].path)
     return patched
 
 

@@ -207,6 +207,15 @@ RECORDS: tuple[PatchRecord, ...] = (
         kind="import",
     ),
     PatchRecord(
+        "cpu_tiny_assets",
+        f"{_RL}, transformers",
+        "nothing: builds the tiny Qwen3-MoE, its tokenizer and GSM8K-format data of configs/cpu_tiny_grpo.yaml with "
+        "MindSpeed-RL's own preprocessing",
+        "the CPU run of MindSpeed-RL's own flow needs a model and data without a download",
+        "never: CPU trial runs only",
+        kind="import",
+    ),
+    PatchRecord(
         "cpu_backend",
         "torch_npu, torchair, acl (absent on CPU machines)",
         "stand-in modules for torch_npu & co., torch.npu on the CPU, Tensor.npu as identity",

@@ -154,3 +154,40 @@ def test_missing_config_names_the_directory(job_dir, capsys):
     assert train.main(["--config-name", "nope", "--config-path", str(job_dir)]) == 2
     err = capsys.readouterr().err
     assert "not found" in err and "['job']" in err
+
+
+ACTOR_METHODS_PROBE = """
+import json, sys
+from mindspeed_rl_r3 import train
+train.use_cpu_backend()
+train.prepare_job(sys.argv[1])
+train._import_upstream_entry()
+stale, checked = [], 0
+for name, module in sorted(sys.modules.items()):
+    if not name.startswith("mindspeed_rl.workers."):
+        continue
+    for actor in [a for a in vars(module).values() if hasattr(a, "__ray_metadata__")]:
+        meta = actor.__ray_metadata__
+        for attr, copied in meta.modified_class.__dict__.items():
+            current = getattr(meta.modified_class.__ray_actor_class__, attr, None)
+            marks = {k for k in getattr(current, "__dict__", {}) if k.startswith("__r3_")}
+            if marks:
+                checked += 1
+                if not marks <= set(getattr(copied, "__dict__", {})):
+                    stale.append(f"{meta.class_name}.{attr}")
+print(json.dumps({"stale": stale, "checked": checked}))
+"""
+
+
+def test_the_actor_classes_ray_builds_carry_the_patched_methods(tmp_path):
+    """Ray's ``@ray.remote`` copies every method of a worker class, inherited ones included, into the actor class when
+    the worker module is imported. The entry must install the patches before anything imports MindSpeed-RL (its
+    config check does), or the actors dispatch without the package's columns (found running cpu_tiny_grpo)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", ENV_SECTIONS)}
+    done = subprocess.run(
+        [sys.executable, "-c", ACTOR_METHODS_PROBE, SHIPPED[0]], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["stale"] == [] and result["checked"] >= 5, result
