@@ -17,10 +17,16 @@ R3_SECTIONS = {
 def reset_integration() -> None:
     from mindspeed_rl_r3 import autopatch
     from mindspeed_rl_r3.integration import runtime
-    from mindspeed_rl_r3.patches import mindspeed_rl_integration, mindspeed_rl_rollout, vllm_ascend_capture
+    from mindspeed_rl_r3.patches import (
+        mindspeed_rl_integration,
+        mindspeed_rl_rollout,
+        vllm_ascend_capture,
+        vllm_capture,
+    )
 
     mindspeed_rl_integration.undo()
     vllm_ascend_capture.undo()
+    vllm_capture.undo()  # what install_capture attaches on the CPU backend
     vllm_ascend_capture.CaptureSession.release()
     mindspeed_rl_rollout._capture_installed.clear()
     autopatch.uninstall()

@@ -106,7 +106,7 @@ def test_only_actor_and_reference_engines_replay(integration):
     wrapped(reward, {"input_ids": torch.zeros(1, 4, dtype=torch.long)}, True)
     assert calls == [reward]
     actor = Actor([_Dense()], optimizer=None, opt_param_scheduler=None, stage="ray_grpo")
-    with pytest.raises(RoutingError, match="router"):  # the actor does replay: a dense model has nothing to bind
+    with pytest.raises(RoutingError, match="TopKRouter"):  # the actor does replay: a dense model has nothing to bind
         wrapped(actor, {"input_ids": torch.zeros(1, 4, dtype=torch.long)}, True)
 
 

@@ -232,13 +232,15 @@ def test_the_v091_layout_is_absent_from_the_pinned_tree(capture):
         capture.apply("0.9.1")
 
 
-def test_with_r3_the_engine_installs_capture_before_it_builds_vllm(capture, integration):
+def test_with_r3_the_engine_installs_capture_before_it_builds_vllm(capture, integration, monkeypatch):
     """The patched ``VLLMInferEngine.__init__`` installs the adapter before the original body builds the ``LLM``
-    (and so before any graph capture); without R3 it installs nothing."""
+    (and so before any graph capture); without R3 it installs nothing. (On the CPU backend, as in this session, the
+    rollout patch attaches vLLM's own adapter instead: here it is told it runs on NPUs.)"""
     from mindspeed_rl.models.rollout.vllm_engine import VLLMInferEngine
 
     from mindspeed_rl_r3.patches import mindspeed_rl_rollout
 
+    monkeypatch.setattr(mindspeed_rl_rollout, "_cpu_backend_installed", lambda: False)
     integration()
     assert getattr(VLLMInferEngine.__init__, mindspeed_rl_rollout.PATCHES.mark, False)
     seen: list[list[str]] = []
@@ -260,3 +262,18 @@ def test_without_r3_the_engine_installs_no_capture(capture, integration):
     )
     body(object(), "tokenizer")
     assert seen == [(True, [])]  # the integration is active (AQN), and no capture was installed
+
+
+def test_on_the_cpu_backend_the_engine_installs_vllms_own_adapter(capture, integration):
+    """A CPU run's engine is vLLM's own ``FusedMoE`` / ``GPUModelRunner``: the rollout patch attaches
+    :mod:`mindspeed_rl_r3.patches.vllm_capture` there, and nothing on vllm-ascend's classes."""
+    from mindspeed_rl_r3.patches import mindspeed_rl_rollout, vllm_capture
+
+    integration()
+    assert mindspeed_rl_rollout._cpu_backend_installed()
+    body = mindspeed_rl_rollout.engine_init_capture_wrapper(lambda self, *args, **kwargs: None)
+    body(object(), "tokenizer")
+    assert sorted(vllm_capture.PATCHES.installed) == sorted(
+        [f"{vllm_capture.LAYOUTS['0.11'].moe_class}.forward_impl", f"{vllm_capture.RUNNER_CLASS}.execute_model"]
+    )
+    assert capture.PATCHES.installed == []
