@@ -103,12 +103,7 @@ class CaptureSession:
         """The device buffer for ``spec`` and ``max_tokens`` rows a step: the current one where it serves, else a new
         one, which is refused once graphs were captured around the current buffer."""
         buffer = cls.buffer
-        if (
-            buffer is not None
-            and cls.spec == spec
-            and buffer.shape[1] >= max_tokens
-            and buffer.device == torch.device(device)
-        ):
+        if cls._buffer_serves(spec, max_tokens=max_tokens, device=device):
             return buffer
         if cls.graphs_captured:
             raise RoutingError(
@@ -118,6 +113,16 @@ class CaptureSession:
             )
         cls.spec, cls.buffer, cls.recorder = spec, capture_buffer(spec, max_tokens, device), None
         return cls.buffer
+
+    @classmethod
+    def _buffer_serves(cls, spec: MoEModelSpec, *, max_tokens: int, device: Any) -> bool:
+        buffer = cls.buffer
+        return (
+            buffer is not None
+            and cls.spec == spec
+            and buffer.shape[1] >= max_tokens
+            and buffer.device == torch.device(device)
+        )
 
     @classmethod
     def start(cls, spec: MoEModelSpec, *, max_tokens: int, num_slots: int, block_size: int, device: Any) -> None:
@@ -134,12 +139,10 @@ class CaptureSession:
         recorder = cls.recorder
         return (
             recorder is not None
-            and cls.spec == spec
             and recorder.buffer is cls.buffer
+            and cls._buffer_serves(spec, max_tokens=max_tokens, device=device)
             and recorder.host.shape[0] == num_slots
             and recorder.block_size == block_size
-            and recorder.buffer.shape[1] >= max_tokens
-            and recorder.buffer.device == torch.device(device)
         )
 
     @classmethod

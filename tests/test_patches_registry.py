@@ -79,14 +79,17 @@ def test_undo_all_restores_every_patch_exactly():
 
     previously = installed()  # e.g. the session's megatron fixture: re-applied at the end
     undo_all()
-    before = (
-        router.TopKRouter.__dict__["routing"],
-        router.topk_softmax_with_capacity,
-        tp_layer.LoraParallelLinear.__dict__["update_layer"],
-        getattr(lora_model, "dispatch_megatron", None),
-        hydra.main,
-        ray.init,
-    )
+    def attach_points() -> tuple:
+        return (
+            router.TopKRouter.__dict__["routing"],
+            router.topk_softmax_with_capacity,
+            tp_layer.LoraParallelLinear.__dict__["update_layer"],
+            getattr(lora_model, "dispatch_megatron", None),
+            hydra.main,
+            ray.init,
+        )
+
+    before = attach_points()
     assert megatron_router.apply() and peft_megatron.apply() and driver.apply() == ["hydra.main", "ray.init"]
     assert megatron_router.apply() == [] and driver.apply() == []  # idempotent
     now = installed()
@@ -99,15 +102,7 @@ def test_undo_all_restores_every_patch_exactly():
 
     restored = undo_all()
     assert set(restored) >= {"megatron_router", "peft_megatron", "driver"}
-    after = (
-        router.TopKRouter.__dict__["routing"],
-        router.topk_softmax_with_capacity,
-        tp_layer.LoraParallelLinear.__dict__["update_layer"],
-        getattr(lora_model, "dispatch_megatron", None),
-        hydra.main,
-        ray.init,
-    )
-    assert all(a is b for a, b in zip(after, before, strict=True))
+    assert all(a is b for a, b in zip(attach_points(), before, strict=True))
     assert installed() == {} and undo_all() == {}
     for name in previously:
         importlib.import_module(f"mindspeed_rl_r3.patches.{name}").apply()

@@ -101,14 +101,17 @@ class RoutingRecorder:
             ) from None
 
     # -- step boundaries (host side) ---------------------------------------------------------------------------------
+    def _check_fits(self, num_tokens: int) -> None:
+        if num_tokens > self.buffer.shape[1]:
+            raise RoutingError(f"step has {num_tokens} tokens, the capture buffer holds {self.buffer.shape[1]}")
+
     def begin_step(self, finished_request_ids: Iterable[str] = (), num_tokens: int | None = None) -> None:
         """Before a real step: take the rows of requests that finished, before their blocks are written again, and
         mark the step's ``num_tokens`` rows missing so that :meth:`end_step` sees which ones the forward wrote."""
         for req_id in finished_request_ids:
             self.finish(req_id)
         if num_tokens is not None:
-            if num_tokens > self.buffer.shape[1]:
-                raise RoutingError(f"step has {num_tokens} tokens, the capture buffer holds {self.buffer.shape[1]}")
+            self._check_fits(num_tokens)
             self.buffer[:, :num_tokens].fill_(self.sentinel)  # a device memset, outside any captured graph
 
     def end_step(
@@ -122,8 +125,7 @@ class RoutingRecorder:
         ``slot_mapping`` (CPU) gives each real token's KV slot (negative = padding, skipped). ``requests`` maps each
         request in the step to its block ids and its number of computed tokens after the step.
         """
-        if num_tokens > self.buffer.shape[1]:
-            raise RoutingError(f"step has {num_tokens} tokens, the capture buffer holds {self.buffer.shape[1]}")
+        self._check_fits(num_tokens)
         slots = slot_mapping[:num_tokens].to(torch.int64)
         rows = self.buffer[:, :num_tokens].transpose(0, 1).to("cpu", non_blocking=False)
         keep = slots >= 0
