@@ -14,7 +14,9 @@ Driver side: where the sections are not in the environment yet, importing ``mind
 are validated and published in this process's environment, and ``ray.init`` passes them (and this setup hook) to every
 worker through the job's ``runtime_env``.
 
-Cheap by design: :func:`install` imports nothing heavy (it runs at every interpreter start once applied).
+Cheap by design: :func:`install` imports nothing heavy (it runs at every interpreter start once applied), except
+where ``MINDSPEED_RL_R3_CPU_BACKEND=1`` asks for the CPU backend (:mod:`mindspeed_rl_r3.patches.cpu_backend`), which
+it installs first: ``mindspeed-rl-r3 apply`` then MindSpeed-RL's own ``cli/train_grpo.py`` run on a CPU machine.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import threading
 from types import ModuleType
 from typing import Any
 
-from mindspeed_rl_r3.integration.env import ENV_CONFIG_FILE, ENV_DISABLE, ENV_SECTIONS
+from mindspeed_rl_r3.integration.env import ENV_CONFIG_FILE, ENV_CPU_BACKEND, ENV_DISABLE, ENV_SECTIONS
 from mindspeed_rl_r3.patches import driver, registry
 from mindspeed_rl_r3.patches.driver import SETUP_HOOK, job_runtime_env, publish_sections
 
@@ -47,8 +49,12 @@ def _target_modules() -> set[str]:
 TARGET_MODULES = registry.hook_modules()
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
 def _disabled() -> bool:
-    return os.environ.get(ENV_DISABLE, "").strip().lower() in ("1", "true", "yes")
+    return _flag(ENV_DISABLE)
 
 
 class _HookedLoader(importlib.abc.Loader):
@@ -117,6 +123,13 @@ def install() -> bool:
         if _finder is None:
             _finder = _PostImportFinder({*_target_modules(), DRIVER_TRIGGER})
             sys.meta_path.insert(0, _finder)
+        if _flag(ENV_CPU_BACKEND):  # a CPU machine (opt-in): the stand-ins go in before anything imports torch_npu
+            # Consumed here: Ray's own Python processes (agents, log monitor) would inherit it and import torch at
+            # start; the job's workers get the backend from its setup hook (driver.job_runtime_env).
+            os.environ.pop(ENV_CPU_BACKEND)
+            from mindspeed_rl_r3.patches import cpu_backend
+
+            cpu_backend.activate()  # refused next to a real torch_npu: the hook above stays, the error shows
         for name in sorted(_finder.names):
             module = sys.modules.get(name)
             if module is not None and name not in _ran:

@@ -40,8 +40,9 @@ class R3Config:
 
     @property
     def capture(self) -> bool:
-        """The rollout records routing only when training replays the rollout's (R3), not for R2 or disabled."""
-        return self.replay.mode is ReplayMode.R3
+        """The rollout records routing when training replays it (R3) or measures against it (observe); R2 records
+        its own in training."""
+        return self.replay.mode in (ReplayMode.R3, ReplayMode.OBSERVE)
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,6 @@ def job_runtime_env(rl_config: Any, generate_config: Any, config_dir: Path) -> d
     import yaml
 
     from mindspeed_rl_r3 import autopatch
-    from mindspeed_rl_r3.patches import cpu_backend
 
     with open(_runtime_env_file(rl_config.runtime_env_path, config_dir), encoding="utf-8") as handle:
         runtime_env = yaml.safe_load(handle) or {}
@@ -100,12 +99,7 @@ def job_runtime_env(rl_config: Any, generate_config: Any, config_dir: Path) -> d
     env_vars["IS_MULTIMODAL"] = str(rl_config.is_multimodal)
     env_vars["HCCL_BUFFSIZE"] = str(rl_config.hccl_buffersize)
     runtime_env["env_vars"] = env_vars
-    runtime_env = autopatch.job_runtime_env(runtime_env)
-    if cpu_backend.installed():  # a CPU run: every worker needs the stand-ins before it imports MindSpeed-RL
-        cpu = cpu_backend.ray_runtime_env(cpu_backend.upstream_root() or "")
-        runtime_env["worker_process_setup_hook"] = cpu["worker_process_setup_hook"]
-        runtime_env["env_vars"] = {**cpu["env_vars"], **runtime_env["env_vars"]}
-    return runtime_env
+    return autopatch.job_runtime_env(runtime_env)
 
 
 def check_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, Any, Any]]:
@@ -182,7 +176,7 @@ def run_job(msrl_config: Mapping[str, Any], runtime_env: Mapping[str, Any]) -> N
     from mindspeed_rl_r3.patches import cpu_backend
 
     upstream = _import_upstream_entry()
-    local = cpu_backend.ray_local_cluster(msrl_config) if cpu_backend.installed() else {}
+    local = cpu_backend.ray_local_cluster(msrl_config) if cpu_backend.runs_jobs() else {}
     ray.init(runtime_env=dict(runtime_env), **local)
     ray.get(upstream.train.remote(upstream_config(msrl_config)))
 
@@ -196,20 +190,10 @@ def use_cpu_backend() -> None:
     """Install the CPU backend and put the pinned upstream sources on ``sys.path`` (``--cpu-backend``)."""
     from mindspeed_rl_r3.patches import cpu_backend
 
-    root = cpu_backend.upstream_root()
-    if root is None:
-        raise ConfigError(
-            f"--cpu-backend needs the pinned upstream sources: set {cpu_backend.ENV_UPSTREAM} to a folder holding "
-            f"{', '.join(cpu_backend.UPSTREAM_FOLDERS)}"
-        )
     try:
-        cpu_backend.install()
-        cpu_backend.use_upstream(root)
-    except cpu_backend.CpuBackendError as err:  # a real torch_npu here, or an incomplete upstream tree
+        cpu_backend.activate()
+    except cpu_backend.CpuBackendError as err:  # a real torch_npu here, or no / an incomplete upstream tree
         raise ConfigError(f"--cpu-backend: {err}") from None
-    os.environ[cpu_backend.ENV_UPSTREAM] = str(root)
-    # A local trial cluster: without this, Ray 2.60 starts with token auth, which the workers cannot pass.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def build_parser() -> argparse.ArgumentParser:

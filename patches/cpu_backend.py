@@ -20,8 +20,11 @@ sources. What cannot load on a CPU machine is replaced here, and nothing else:
 - Fix-ups run right after an upstream module is imported (``AFTER_IMPORT``), each answering one call of MindSpeed-RL's
   GRPO flow (``cli/train_grpo.py`` with ``mindspeed_rl_r3.train --cpu-backend``): ``initialize_megatron`` on one CPU
   "device"; MindSpeed's CANN ``reuse_data_ptr`` and ``npu_gmm``; vLLM's one-rank EP/DP groups at world size 1; the
-  Megatron-to-vLLM weight load (self-copies, ``weight_loader_v2``); vLLM's CPU kernels reading live weights.
-- Ray: :func:`ray_local_cluster` declares the "NPU" resource MindSpeed-RL's workers request.
+  Megatron-to-vLLM weight load (``weight_loader_v2``); vLLM's CPU kernels reading live weights, the experts in
+  vllm-ascend's layout (the one MindSpeed-RL's sync writes megatron's bytes in).
+- Ray: :func:`ray_local_cluster` declares the "NPU" resource MindSpeed-RL's workers request; :func:`activate` (also
+  at interpreter start with ``MINDSPEED_RL_R3_CPU_BACKEND=1`` after ``mindspeed-rl-r3 apply``) and
+  :func:`fix_entry_script` let MindSpeed-RL's own ``cli/train_grpo.py`` run unchanged.
 
 :func:`install` refuses when a real ``torch_npu`` is importable: on an NPU machine nothing here is ever active.
 :func:`upstream_paths` returns the pinned upstream folders (``../shared/upstream`` beside a checkout, or
@@ -316,6 +319,16 @@ def _fix_train_grpo(module: types.ModuleType) -> None:
     module.initialize_megatron = initialize_megatron
 
 
+def fix_entry_script(module: types.ModuleType | None) -> None:
+    """MindSpeed-RL's ``cli/train_grpo.py`` run as a script (``__main__``): :func:`_fix_train_grpo` as for the
+    imported ``cli.train_grpo``, before Ray pickles the script's ``train`` task (and with it, by value, the
+    script's ``initialize_megatron``). The driver's hydra wrapper calls it with the task function's module."""
+    entry = getattr(module, "initialize_megatron", None)
+    script = Path(getattr(module, "__file__", "") or "").name
+    if entry is not None and script == "train_grpo.py" and not hasattr(entry, "__wrapped__"):
+        _fix_train_grpo(module)
+
+
 def _reuse_data_ptr(dst: torch.Tensor, src: torch.Tensor, offset: int) -> None:
     """MindSpeed's CANN ``reuse_data_ptr(dst, src, offset)``: ``dst`` becomes a view of ``src``'s memory from
     element ``offset`` (in ``dst``'s dtype), as MindSpeed-RL's offloader re-points parameters at flat buffers."""
@@ -354,28 +367,10 @@ def _fix_vllm_parallel_state(module: types.ModuleType) -> None:
 
 
 def _fix_megatron_weight_loaders(module: types.ModuleType) -> None:
-    """``qwen_megatron_weight_loader`` re-lays expert weights with ``w.copy_(w.view(...).contiguous())``: the same
-    bytes onto themselves, which the NPU copies and CPU torch refuses as overlapping; during the weight load such a
-    self-copy is the no-op it is on the device."""
-    real = module.load_megatron_weights
-
-    def load_megatron_weights(*args: Any, **kwargs: Any) -> Any:
-        real_copy = torch.Tensor.copy_
-
-        def copy_(dst: torch.Tensor, src: Any, *cargs: Any, **ckwargs: Any) -> torch.Tensor:
-            same_bytes = (
-                isinstance(src, torch.Tensor) and src.dtype == dst.dtype and src.numel() == dst.numel()
-                and src.is_contiguous() and dst.is_contiguous() and src.data_ptr() == dst.data_ptr()
-            )  # fmt: skip
-            return dst if same_bytes else real_copy(dst, src, *cargs, **ckwargs)
-
-        torch.Tensor.copy_ = copy_  # type: ignore[method-assign]
-        try:
-            return real(*args, **kwargs)
-        finally:
-            torch.Tensor.copy_ = real_copy  # type: ignore[method-assign]
-
-    module.load_megatron_weights = load_megatron_weights
+    """vLLM's CPU linear method binds ``weight_loader_v2``; MindSpeed-RL replaces ``weight_loader`` (the name
+    vllm-ascend's NPU method binds) with its Megatron loader. (The loader's expert re-layout
+    ``w.copy_(w.view(E, H, -1))`` is a same-shape self-copy, as on the device, once the CPU MoE holds vllm-ascend's
+    layout: :func:`_fix_vllm_cpu_fused_moe`.)"""
     real_update = module.update_megatron_weight_loader
 
     def update_megatron_weight_loader() -> None:
@@ -402,10 +397,40 @@ def _fix_vllm_layer_utils(module: types.ModuleType) -> None:
     module.dispatch_cpu_unquantized_gemm = _live_cpu_linear
 
 
+_ASCEND_MOE_LAYOUT = "_mindspeed_rl_r3_ascend_moe_layout"  # on a vLLM FusedMoE layer whose experts were transposed
+
+
 def _fix_vllm_cpu_fused_moe(module: types.ModuleType) -> None:
     """vLLM's x86 fused MoE (IPEX ``GatedMLPMOE`` / SGL) packs the expert weights at load, so synced experts would be
-    ignored; its plain ``CPUFusedMOE`` reads ``w13_weight`` / ``w2_weight`` at call time, as vllm-ascend's does."""
-    module.IPEXFusedMOE = module.SGLFusedMOE = module.CPUFusedMOE
+    ignored; its plain ``CPUFusedMOE`` reads ``w13_weight`` / ``w2_weight`` at call time, as vllm-ascend's does.
+
+    The layout is vllm-ascend's too: its ``AscendUnquantizedFusedMoEMethod.process_weights_after_loading`` stores
+    ``w13_weight`` as ``[E, hidden, 2 * ffn]`` and ``w2_weight`` as ``[E, ffn, hidden]`` (vLLM's own are
+    ``[E, 2 * ffn, hidden]`` / ``[E, hidden, ffn]``), which is megatron's GroupedMLP ``weight1.view(E, hidden, -1)`` /
+    ``weight2.view(E, -1, hidden)``: MindSpeed-RL's weight buffers take the vLLM parameters' shapes and receive
+    megatron's bytes unchanged. Built right after the load (in ``process_weights_after_loading``), the layer's
+    experts are transposed once into that layout and read back transposed at call time."""
+    plain = module.CPUFusedMOE
+    if getattr(plain, MARK, False):
+        return
+
+    class AscendLayoutCPUFusedMOE(plain):  # type: ignore[misc, valid-type]
+        def __init__(self, layer: torch.nn.Module) -> None:
+            if not getattr(layer, _ASCEND_MOE_LAYOUT, False):
+                for name in ("w13_weight", "w2_weight"):
+                    weight = getattr(layer, name).data.transpose(1, 2).contiguous()
+                    setattr(layer, name, torch.nn.Parameter(weight, requires_grad=False))
+                setattr(layer, _ASCEND_MOE_LAYOUT, True)
+            super().__init__(layer)
+
+        def __call__(self, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+            native = types.SimpleNamespace(
+                w13_weight=layer.w13_weight.transpose(1, 2), w2_weight=layer.w2_weight.transpose(1, 2)
+            )
+            return super().__call__(native, *args, **kwargs)
+
+    setattr(AscendLayoutCPUFusedMOE, MARK, True)
+    module.CPUFusedMOE = module.IPEXFusedMOE = module.SGLFusedMOE = AscendLayoutCPUFusedMOE
 
 
 def _fix_mindspeed_grouped_matmul(module: types.ModuleType) -> None:
@@ -617,6 +642,34 @@ def use_upstream(root: str | os.PathLike) -> list[str]:
     return added
 
 
+_runs_jobs = False  # set by activate(): this process starts CPU jobs (not only imports upstream code, as tests do)
+
+
+def runs_jobs() -> bool:
+    """Whether the Ray jobs this process starts are CPU jobs (:func:`activate`), whose workers need the backend."""
+    return _runs_jobs and installed()
+
+
+def activate(root: str | os.PathLike | None = None) -> Path:
+    """Install the stand-ins and put the pinned upstream sources on ``sys.path``; the Ray jobs this process starts
+    then run CPU workers (:func:`ray_runtime_env`). What ``mindspeed-rl-r3 train --cpu-backend`` does, and what the
+    import hook of an applied installation does at interpreter start where ``MINDSPEED_RL_R3_CPU_BACKEND=1``.
+    Returns the upstream root; raises CpuBackendError on an accelerator machine or without the upstream tree."""
+    found = Path(root) if root is not None else upstream_root()
+    if found is None:
+        raise CpuBackendError(
+            f"the CPU backend needs the pinned upstream sources: set {ENV_UPSTREAM} to a folder holding "
+            f"{', '.join(UPSTREAM_FOLDERS)}"
+        )
+    global _runs_jobs
+    install()
+    use_upstream(found)
+    _runs_jobs = True
+    os.environ[ENV_UPSTREAM] = str(found.resolve())  # inherited by the local Ray cluster's processes
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60's token auth would lock the local workers out
+    return found
+
+
 def ray_worker_setup() -> None:
     """Ray ``worker_process_setup_hook`` for CPU runs of MindSpeed-RL's actors: every worker process gets the
     stand-ins, the upstream sources of ``$MINDSPEED_RL_R3_UPSTREAM`` and the package's import hook (which patches
@@ -644,7 +697,7 @@ def ray_local_cluster(msrl_config: Any) -> dict[str, Any]:
     request (``rl_config.actor_resource.num_npus``; Ray maps its "NPU" resource to ids that ``ActorHybridWorker``
     reads from ``get_accelerator_ids()["NPU"]``), and logical CPUs for its 8-CPU worker and 10-CPU TransferDock
     requests (scheduling slots, not cores)."""
-    resources = msrl_config["rl_config"].get("actor_resource") or {}
+    resources = (msrl_config.get("rl_config") or {}).get("actor_resource") or {}
     return {
         "address": "local",
         "num_cpus": 32,

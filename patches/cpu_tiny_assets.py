@@ -3,6 +3,9 @@
 - ``model/``: a byte-level tokenizer (ids 256.. special; ``<|endoftext|>`` pad, ``<|im_end|>`` eos) and a tiny
   Qwen3-MoE (2 layers, 8 experts, top-2, fp32, random weights, seed 0) saved by transformers. vLLM reads its config
   and tokenizer; the weights it serves come from the Megatron actor through MindSpeed-RL's weight sync.
+- ``runtime_env.yaml``: the Ray workers' environment (a copy of ``configs/envs/cpu_runtime_env.yaml``), at an absolute
+  path, which MindSpeed-RL's own ``cli/train_grpo.py`` (it joins ``rl_config.runtime_env_path`` to its checkout) and
+  the package's entry both read.
 - ``data/gsm8k_packed_*_document.{bin,idx}``: GSM8K-format rows (``../shared/data/gsm8k`` when given, otherwise
   :func:`mindspeed_rl_r3.data.synthetic_gsm8k`) converted by the package and tokenized by MindSpeed-RL's own
   preprocessing (``cli/preprocess_data.py``'s steps, ``R1AlpacaStyleInstructionHandler``).
@@ -98,10 +101,15 @@ def preprocess(rows: Path, tokenizer: Path, output_prefix: Path) -> None:
 
 
 def prepare(directory: str | os.PathLike, gsm8k: str | None = None, rows: int = 64) -> dict[str, str]:
-    """Build (once) the model folder and the tokenized data under ``directory``; returns their paths
-    ``{"model", "data_path"}`` (``data_path`` is the prefix MindSpeed-RL's ``megatron_training.data_path`` takes)."""
+    """Build (once) the model folder, the runtime env and the tokenized data under ``directory``; returns their paths
+    ``{"model", "runtime_env", "data_path"}`` (``data_path`` is the prefix ``megatron_training.data_path`` takes)."""
+    from mindspeed_rl_r3.shipped_configs import shipped_configs_dir
+
     root = Path(directory).resolve()
     model, data = root / "model", root / "data"
+    runtime_env = root / "runtime_env.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    runtime_env.write_bytes((shipped_configs_dir() / "envs" / "cpu_runtime_env.yaml").read_bytes())
     if not (model / "config.json").is_file():
         model.mkdir(parents=True, exist_ok=True)
         save_tokenizer(model)
@@ -113,7 +121,7 @@ def prepare(directory: str | os.PathLike, gsm8k: str | None = None, rows: int = 
         if not jsonl.is_file():
             write_rows(jsonl, gsm8k, rows)
         preprocess(jsonl, model, prefix)
-    return {"model": str(model), "data_path": f"{prefix}"}
+    return {"model": str(model), "runtime_env": str(runtime_env), "data_path": f"{prefix}"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

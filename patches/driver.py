@@ -5,6 +5,10 @@ function receives a config with ``r3`` / ``aqn`` / ``lora_extras`` sections, :fu
 and puts them in this process's environment; the wrapped ``ray.init`` then passes them, and the import hook as the
 worker setup hook, in the job's ``runtime_env`` (:func:`job_runtime_env`). :mod:`mindspeed_rl_r3.autopatch` applies
 this when ``mindspeed_rl`` is imported; :func:`undo` restores both.
+
+On the CPU backend (:func:`mindspeed_rl_r3.patches.cpu_backend.activate` ran in this process) the job's workers get the
+backend's setup hook instead, and a ``ray.init`` that starts a local cluster declares the "NPU"s the config's workers
+request: MindSpeed-RL's own script then runs unchanged on a CPU machine.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +31,13 @@ TARGETS = (
     PatchTarget("ray.init", ("2.",), ()),
 )
 PATCHES = PatchSet("__r3_autopatch__", "driver")
+_job_config: Any = None  # the config the hydra task function received (the CPU backend's ray.init reads it)
+
+
+def _cpu_backend() -> Any:
+    """The CPU backend module where this process runs CPU jobs on it (never imported here: it imports torch)."""
+    module = sys.modules.get("mindspeed_rl_r3.patches.cpu_backend")
+    return module if module is not None and module.runs_jobs() else None
 
 
 def publish_sections(config: Any) -> str | None:
@@ -46,11 +58,18 @@ def job_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     """``runtime_env`` plus the published sections and the setup hook (a copy; ``None`` reads as empty)."""
     env = dict(runtime_env or {})
     text = os.environ.get(ENV_SECTIONS)
+    cpu = _cpu_backend()
+    if cpu is not None:  # every worker needs the stand-ins before it imports MindSpeed-RL; their hook installs ours
+        backend = cpu.ray_runtime_env(cpu.upstream_root() or "")
+        env["env_vars"] = {**backend["env_vars"], **(env.get("env_vars") or {})}
+        env["worker_process_setup_hook"] = backend["worker_process_setup_hook"]
     if not text:
         return env
     env_vars = dict(env.get("env_vars") or {})
     env_vars.setdefault(ENV_SECTIONS, text)
     env["env_vars"] = env_vars
+    if cpu is not None:
+        return env
     if env.get("worker_process_setup_hook") not in (None, SETUP_HOOK):
         warnings.warn(
             f"ray.init runtime_env has worker_process_setup_hook {env['worker_process_setup_hook']!r}; workers load "
@@ -73,6 +92,11 @@ def hydra_main_wrapper(main: Callable[..., Any]) -> Callable[..., Any]:
         def capture(task_function: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(task_function)  # hydra unwraps __wrapped__ to find the calling file
             def task(config: Any, *a: Any, **kw: Any) -> Any:
+                global _job_config
+                _job_config = config
+                cpu = _cpu_backend()
+                if cpu is not None:  # MindSpeed-RL's script as __main__: its functions reach Ray workers by value
+                    cpu.fix_entry_script(sys.modules.get(task_function.__module__))
                 publish_sections(config)
                 return task_function(config, *a, **kw)
 
@@ -84,12 +108,17 @@ def hydra_main_wrapper(main: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def ray_init_wrapper(init: Callable[..., Any]) -> Callable[..., Any]:
-    """``ray.init``: the job's ``runtime_env`` carries the published sections and the setup hook."""
+    """``ray.init``: the job's ``runtime_env`` carries the published sections and the setup hook; on the CPU backend
+    a new local cluster declares the config's "NPU"s."""
 
     @functools.wraps(init)
     def ray_init(*args: Any, **kwargs: Any) -> Any:
-        if os.environ.get(ENV_SECTIONS):
+        cpu = _cpu_backend()
+        if os.environ.get(ENV_SECTIONS) or cpu is not None:
             kwargs["runtime_env"] = job_runtime_env(kwargs.get("runtime_env"))
+        if cpu is not None and not args and kwargs.get("address") is None and not os.environ.get("RAY_ADDRESS"):
+            for key, value in cpu.ray_local_cluster(_job_config or {}).items():
+                kwargs.setdefault(key, value)
         return init(*args, **kwargs)
 
     return ray_init

@@ -160,6 +160,8 @@ def topk_router_routing_replay_wrapper(fn):
                 f"layer {hook.layer_number}: routing type {getattr(self, 'routing_type', '?')!r} never called "
                 "topk_softmax_with_capacity, so routing could not be replayed; use aux_loss, seq_aux_loss or none"
             )
+        if hook.active and isinstance(out, tuple) and len(out) == 2 and getattr(out[1], "dtype", None) == torch.bool:
+            hook.dispatched(out[1])  # (probs, routing_map): the experts this layer really sends its tokens to
         return out
 
     setattr(routing, _MARK, True)

@@ -58,6 +58,14 @@ CORPUS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "multi_turn": (MAIN, ("+rl_config.multi_turn_enable=true",), False),
     "replay_on_a_dense_model": (MAIN, ("model.qwen3_30b_a3b.num_experts=null",), False),
     "torchair_with_capture": (MAIN, ("generate_config.torchair_graph=true",), False),
+    # observe: R3's capture and telemetry with native routing (the R3-off arm), under the capture rules
+    "observe": (MAIN, ("r3.mode=observe", "r3.replay_reference=false"), True),
+    "observe_with_replay_reference": (MAIN, ("r3.mode=observe",), False),  # the shipped config replays the reference
+    "torchair_with_observe": (
+        MAIN,
+        ("r3.mode=observe", "r3.replay_reference=false", "generate_config.torchair_graph=true"),
+        False,
+    ),
     # ACL graph mode with capture: proven under graph replay (tests/test_capture_graph.py), accepted either way
     "eager_with_capture": (MAIN, ("generate_config.enforce_eager=true",), True),
     "graph_mode_without_capture": (MAIN, ("generate_config.enforce_eager=false", "r3.mode=disabled"), True),

@@ -41,6 +41,30 @@ def test_refuses_when_a_real_torch_npu_is_importable(tmp_path):
     assert done.stdout.splitlines()[-2:] == ["not installed", "False"]
 
 
+def test_the_cpu_flag_at_interpreter_start_is_refused_on_an_npu_machine_and_the_patches_still_load(tmp_path):
+    """``MINDSPEED_RL_R3_CPU_BACKEND=1`` left set on an NPU machine after ``mindspeed-rl-r3 apply``: the backend
+    refuses, loudly, and the import hook that patches MindSpeed-RL is installed all the same."""
+    (tmp_path / "torch_npu").mkdir()
+    (tmp_path / "torch_npu" / "__init__.py").write_text("raise RuntimeError('a real torch_npu would load CANN here')\n")
+    done = _run(
+        """
+        import os
+        os.environ["MINDSPEED_RL_R3_CPU_BACKEND"] = "1"
+        from mindspeed_rl_r3 import autopatch
+        from mindspeed_rl_r3.patches import cpu_backend
+        try:
+            autopatch.install()
+        except cpu_backend.CpuBackendError as err:
+            print("refused:", err)
+        print(autopatch.installed(), cpu_backend.installed(), "MINDSPEED_RL_R3_CPU_BACKEND" in os.environ)
+        """,
+        path=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refused: " in done.stdout and "real torch_npu is importable" in done.stdout
+    assert done.stdout.splitlines()[-1] == "True False False"
+
+
 def test_standins_answer_imports_and_decorators_without_filling_sys_modules():
     done = _run(
         """

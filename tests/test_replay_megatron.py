@@ -411,6 +411,14 @@ def test_stage_actions():
         action_for(ReplayConfig(mode="R2", replay_reference=True), "reference")
     with pytest.raises(ValueError, match="aux_loss_routing"):  # replay.modes.ReplayConfigError, torch-free
         ReplayConfig(aux_loss_routing="both")
+    observe = ReplayConfig(mode="observe")
+    assert [action_for(observe, s) for s in ("old_log_prob", "update", "reference")] == [
+        RouterAction.OBSERVE,
+        RouterAction.OBSERVE,
+        RouterAction.NATIVE,
+    ]
+    with pytest.raises(ValueError, match="replay_reference replays routing: it needs mode R3"):
+        ReplayConfig(mode="observe", replay_reference=True)
 
 
 def test_observe_measures_agreement_but_routes_natively(megatron):
@@ -428,3 +436,63 @@ def test_observe_measures_agreement_but_routes_natively(megatron):
     for n in native:
         assert torch.equal(map_to_ids(maps[n]), native[n])
     assert [x.layer_number for x in layers] == [1, 2] and all(x.mean_overlap < 0.9 for x in layers)
+
+
+def _dispatched_pass(model, state, action, traces):
+    """One pass under ``action``; returns the per-layer alignment and each router's routing map."""
+    maps, handles = capture_routing(model)
+    state.begin_pass(action)
+    state.load(_replay_batch(traces))
+    with torch.no_grad():
+        _run(model, backward=False)
+    for h in handles:
+        h.remove()
+    return {x.layer_number: x for x in state.end_pass()}, maps
+
+
+def _differing_rows(routing_map, traces, j):
+    """Rows with rollout routing whose dispatched expert set differs from the rollout's (an independent count)."""
+    ids, missing = _replay_batch(traces).column(j)
+    rollout = torch.zeros_like(routing_map).scatter(1, ids.clamp(min=0), True)
+    return int(((routing_map != rollout).any(dim=1) & ~missing).sum()), int((~missing).sum())
+
+
+@pytest.mark.parametrize("missing", [0.0, 0.2])
+def test_routing_mismatch_is_zero_under_replay_and_the_native_gap_under_observe(megatron, missing):
+    model, state = _model(megatron)
+    traces = _random_traces(2, seed=21, missing=missing)
+    replayed, _ = _dispatched_pass(model, state, RouterAction.REPLAY, traces)
+    observed, maps = _dispatched_pass(model, state, RouterAction.OBSERVE, traces)
+    for j, n in enumerate(sorted(maps)):
+        differs, rows = _differing_rows(maps[n], traces, j)
+        assert replayed[n].dispatched_rows == observed[n].dispatched_rows == rows > 0
+        assert replayed[n].routing_mismatch == 0.0
+        # random rollout ids against the live router: almost every row differs, and exactly the counted ones
+        assert observed[n].routing_mismatch == differs / rows > 0.5
+        assert observed[n].routing_mismatch == pytest.approx(1.0 - observed[n].set_agreement)
+    metrics = state.metrics()
+    assert metrics["r3/routing_mismatch"] == pytest.approx(
+        sum(observed[n].routing_mismatch * observed[n].dispatched_rows for n in observed)
+        / sum(x.dispatched_rows for x in observed.values())
+    )
+
+
+def test_routing_mismatch_counts_tokens_dropped_after_replay(megatron):
+    """The measurement reads the map the layer dispatches, not the replayed ids: capacity drops show up."""
+    model, state = _model(megatron, moe_expert_capacity_factor=0.5, moe_token_drop_policy="probs")
+    traces = _random_traces(2, seed=22)
+    replayed, maps = _dispatched_pass(model, state, RouterAction.REPLAY, traces)
+    for j, n in enumerate(sorted(maps)):
+        differs, rows = _differing_rows(maps[n], traces, j)
+        assert replayed[n].routing_mismatch == differs / rows > 0.0
+
+
+def test_recomputed_forwards_are_not_measured_twice(megatron):
+    model, state = _model(megatron, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    traces = _random_traces(2, seed=23)
+    state.begin_pass(RouterAction.REPLAY)
+    state.load(_replay_batch(traces))
+    _run(model)  # the backward re-runs every router once
+    layers = state.end_pass()
+    assert [x.dispatched_rows for x in layers] == [B * (S - 1)] * 2
+    assert [x.routing_mismatch for x in layers] == [0.0, 0.0]

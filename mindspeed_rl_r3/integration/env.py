@@ -4,3 +4,4 @@ in every Python process)."""
 ENV_SECTIONS = "MINDSPEED_RL_R3_SECTIONS"  # JSON of the r3 / aqn / lora_extras sections, set by the driver
 ENV_CONFIG_FILE = "MINDSPEED_RL_R3_CONFIG"  # a YAML file to read the sections from instead
 ENV_DISABLE = "MINDSPEED_RL_R3_DISABLE"  # "1": load nothing, whatever the other two say
+ENV_CPU_BACKEND = "MINDSPEED_RL_R3_CPU_BACKEND"  # "1": run on a CPU machine (patches/cpu_backend.py), set by the user

@@ -106,6 +106,8 @@ def alignment_entries(stage: str, layers: list[LayerAlignment]) -> dict[str, lis
         )
         if x.replayed_rows:
             merge_entries(entries, min_entry(f"{prefix}/min_layer_overlap", x.mean_overlap))
+        if x.dispatched_rows:
+            merge_entries(entries, mean_entry(f"{prefix}/routing_mismatch", x.routing_mismatch, x.dispatched_rows))
     return entries
 
 

@@ -113,7 +113,7 @@ def sections_from_environment(
 class ColumnPlan:
     """Which extra TransferDock columns exist, who puts them and who reads them.
 
-    ``routed_experts``: R3 capture is on (``r3.mode: R3``): the rollout puts each sample's encoded trace.
+    ``routed_experts``: capture is on (``r3.mode: R3`` or ``observe``): the rollout puts each sample's encoded trace.
     ``rollout_log_probs``: always with the integration active: vLLM's log-probs of the sampled tokens, kept so
     every step can report the train / rollout mismatch.
     """

@@ -10,6 +10,9 @@ class ReplayMode(str, Enum):
     DISABLED = "disabled"
     R2 = "R2"  # record routing in the old-log-prob forward, replay it in every update mini-batch
     R3 = "R3"  # replay the rollout's routing in the old-log-prob forward and in every update mini-batch
+    # capture the rollout's routing and measure the training router against it, but route natively: the R3-off arm
+    # of a comparison, with the same telemetry (agreement, dispatched-routing mismatch) as R3
+    OBSERVE = "observe"
 
 
 class ReplayConfigError(ValueError):
@@ -43,6 +46,8 @@ class ReplayConfig:
             raise ReplayConfigError(f"r3.mode must be one of {choices}, got {self.mode!r}") from None
         if not isinstance(self.replay_reference, bool):
             raise ReplayConfigError(f"r3.replay_reference must be true or false, got {self.replay_reference!r}")
+        if self.replay_reference and self.mode is ReplayMode.OBSERVE:
+            raise ReplayConfigError("r3.replay_reference replays routing: it needs mode R3, not observe")
         if self.aux_loss_routing not in ("native", "replayed"):
             raise ReplayConfigError(
                 f"r3.aux_loss_routing must be 'native' or 'replayed', got {self.aux_loss_routing!r}"

@@ -39,12 +39,15 @@ def action_for(config: ReplayConfig, stage: str) -> RouterAction:
     R3 replays the rollout's routing in the old-log-prob forward and every update; R2 records the old-log-prob
     forward's own routing and replays it in every update (it removes drift between mini-steps, not the
     train/inference gap). The reference forward replays only with ``replay_reference`` under R3: R2 has nothing
-    recorded yet when MindSpeed-RL computes reference log-probs.
+    recorded yet when MindSpeed-RL computes reference log-probs. ``observe`` routes natively and measures the
+    rollout's routing against the live router's in the old-log-prob forward and every update.
     """
     if stage not in ("old_log_prob", "update", "reference"):
         raise RoutingError(f"unknown stage {stage!r}; expected old_log_prob, update or reference")
     if config.mode is ReplayMode.DISABLED:
         return RouterAction.NATIVE
+    if config.mode is ReplayMode.OBSERVE:
+        return RouterAction.NATIVE if stage == "reference" else RouterAction.OBSERVE
     if stage == "reference":
         if config.replay_reference and config.mode is ReplayMode.R2:
             raise RoutingError("r3.replay_reference needs mode R3: R2 records routing after the reference forward")
@@ -91,6 +94,7 @@ class RouterReplayState:
         self.alignment = AlignmentStats()
         self.last_alignment: list[LayerAlignment] = []
         self._forced_recompute: bool | None = None
+        self._pending_dispatch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- binding ---------------------------------------------------------------------------------------------------
     def bind_layers(self, layer_numbers: list[int] | tuple[int, ...]) -> None:
@@ -144,6 +148,7 @@ class RouterReplayState:
             return self.last_alignment
         finally:
             self._queues.clear()
+            self._pending_dispatch.clear()
             self._micro_batches = 0
             self.action = RouterAction.NATIVE
 
@@ -167,6 +172,17 @@ class RouterReplayState:
             if self.config.on_misaligned == "raise":
                 raise MisalignedRoutingError(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def record_dispatch(self, layer_number: int, routing_map: torch.Tensor) -> None:
+        """The experts the layer dispatches to after its router call (``routing_map [T, E]``, after replay and token
+        dropping), measured against the rollout ids that call consumed. Recomputed forwards are not measured twice."""
+        pending = self._pending_dispatch.pop(layer_number, None)
+        if pending is None:
+            return
+        ids, missing = pending
+        if routing_map.dim() != 2 or routing_map.shape[0] != ids.shape[0]:
+            return  # a router that splits its map across ranks (moe_tp_extend_ep): not measured
+        self.alignment.update_dispatch(layer_number, routing_map, ids.to(routing_map.device), missing)
 
     def metrics(self, prefix: str = "r3") -> dict[str, float]:
         return alignment_metrics(self.last_alignment, prefix)
@@ -235,6 +251,7 @@ class RouterReplayState:
         if not recompute:
             self._num_experts = scores.shape[1]
             self.alignment.update(layer_number, replayed, native, missing)
+            self._pending_dispatch[layer_number] = (ids, missing)
         if self.action is RouterAction.OBSERVE:
             return values, native, native
         return replayed_values, replayed, native
@@ -252,6 +269,10 @@ class ReplayHook:
     @property
     def active(self) -> bool:
         return self.state.action is not RouterAction.NATIVE
+
+    def dispatched(self, routing_map: torch.Tensor) -> None:
+        """The router's returned ``routing_map``: what its layer really dispatches (see ``record_dispatch``)."""
+        self.state.record_dispatch(self.layer_number, routing_map)
 
     def select(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
         self.selections += 1

@@ -103,9 +103,11 @@ def job_dir(tmp_path, no_published_sections):
     return tmp_path / "configs"
 
 
-def test_prepare_job_splits_sections_and_builds_mindspeed_rls_runtime_env(job_dir):
+@pytest.mark.parametrize("cpu_job", [False, True])
+def test_prepare_job_splits_sections_and_builds_mindspeed_rls_runtime_env(job_dir, monkeypatch, cpu_job):
     from mindspeed_rl_r3.patches import cpu_backend
 
+    monkeypatch.setattr(cpu_backend, "_runs_jobs", cpu_job)  # --cpu-backend; this session only imports upstream
     msrl, runtime_env = train.prepare_job("job", str(job_dir), ["rl_config.n_samples_per_prompt=4"])
     assert set(msrl) == {"megatron_training", "actor_config", "rl_config", "generate_config"}
     assert msrl["rl_config"]["n_samples_per_prompt"] == 4
@@ -113,8 +115,9 @@ def test_prepare_job_splits_sections_and_builds_mindspeed_rls_runtime_env(job_di
     assert env["VLLM_DP_SIZE"] == "4" and env["IS_MULTIMODAL"] == "False" and env["HCCL_BUFFSIZE"] == "256"
     assert env["VLLM_USE_V1"] == "1"
     assert json.loads(env[ENV_SECTIONS]) == {"r3": {"mode": "R3"}, "aqn": {"enabled": True, "num_stages": 5}}
-    # this session runs on the CPU backend, so the job's workers get it before they import MindSpeed-RL
-    assert runtime_env["worker_process_setup_hook"] == f"{cpu_backend.__name__}.ray_worker_setup"
+    # a CPU job's workers get the backend (whose setup installs the import hook) before they import MindSpeed-RL
+    hook = f"{cpu_backend.__name__}.ray_worker_setup" if cpu_job else "mindspeed_rl_r3.autopatch.install"
+    assert runtime_env["worker_process_setup_hook"] == hook
 
 
 def test_run_job_hands_mindspeed_rls_train_task_a_dictconfig(job_dir, monkeypatch):
