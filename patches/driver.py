@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from mindspeed_rl_r3.integration.env import ENV_SECTIONS
+from mindspeed_rl_r3.integration.env import ENV_SECTIONS, loaded_cpu_backend
 from mindspeed_rl_r3.patches.patch_set import PatchSet
 from mindspeed_rl_r3.patches.targets import PatchTarget
 
@@ -35,9 +35,9 @@ _job_config: Any = None  # the config the hydra task function received (the CPU 
 
 
 def _cpu_backend() -> Any:
-    """The CPU backend module where this process runs CPU jobs on it (never imported here: it imports torch)."""
-    module = sys.modules.get("mindspeed_rl_r3.patches.cpu_backend")
-    return module if module is not None and module.runs_jobs() else None
+    """The CPU backend module where this process runs CPU jobs on it."""
+    backend = loaded_cpu_backend()
+    return backend if backend is not None and backend.runs_jobs() else None
 
 
 def publish_sections(config: Any) -> str | None:

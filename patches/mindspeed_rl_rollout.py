@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import functools
 import importlib
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from mindspeed_rl_r3 import pins
+from mindspeed_rl_r3.integration.env import loaded_cpu_backend
 from mindspeed_rl_r3.integration.rollout_columns import GeneratedSample, completion_log_probs, runner_request_id
 from mindspeed_rl_r3.integration.runtime import IntegrationRuntime, active
 from mindspeed_rl_r3.patches import vllm_ascend_capture
@@ -89,7 +89,7 @@ def install_capture(runtime: IntegrationRuntime) -> bool:
         )
     if version in _capture_installed:
         return False
-    if _cpu_backend_installed():  # a CPU run: the engine is vLLM's own CPU FusedMoE / model runner, not vllm-ascend's
+    if loaded_cpu_backend() is not None:  # the engine is vLLM's own CPU FusedMoE / model runner, not vllm-ascend's
         from mindspeed_rl_r3.patches import vllm_capture
 
         vllm_capture.apply()
@@ -97,12 +97,6 @@ def install_capture(runtime: IntegrationRuntime) -> bool:
         vllm_ascend_capture.apply(version)
     _capture_installed.add(version)
     return True
-
-
-def _cpu_backend_installed() -> bool:
-    """Whether this process runs on the CPU backend (looked up, never imported: NPU machines never load it)."""
-    backend = sys.modules.get("mindspeed_rl_r3.patches.cpu_backend")
-    return bool(backend is not None and backend.installed())
 
 
 def engine_init_capture_wrapper(fn: Any) -> Any:

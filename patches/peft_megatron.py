@@ -63,12 +63,17 @@ def dispatch_megatron_wrapper(fn: Any) -> Any:
     return dispatch_megatron
 
 
+def _preset_lora_bias(layer: Any, adapter_name: str) -> None:
+    """(b): ``lora_bias[adapter]`` as ``False`` where peft left it unset."""
+    lora_bias = getattr(layer, "lora_bias", None)
+    if isinstance(lora_bias, dict):
+        lora_bias.setdefault(adapter_name, False)
+
+
 def update_layer_wrapper(fn: Any) -> Any:
     @functools.wraps(fn)
     def update_layer(self: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
-        lora_bias = getattr(self, "lora_bias", None)
-        if isinstance(lora_bias, dict):
-            lora_bias.setdefault(adapter_name, False)
+        _preset_lora_bias(self, adapter_name)
         result = fn(self, adapter_name, *args, **kwargs)
         backend = getattr(self, "backend", None)
         parallel = tuple(
@@ -92,9 +97,7 @@ def update_layer_wrapper(fn: Any) -> Any:
 def reset_lora_parameters_wrapper(fn: Any) -> Any:
     @functools.wraps(fn)
     def reset_lora_parameters(self: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
-        lora_bias = getattr(self, "lora_bias", None)
-        if isinstance(lora_bias, dict):
-            lora_bias.setdefault(adapter_name, False)
+        _preset_lora_bias(self, adapter_name)
         return fn(self, adapter_name, *args, **kwargs)
 
     setattr(reset_lora_parameters, _MARK, True)

@@ -222,7 +222,7 @@ def prompt_log_probs(llm: Any, tokens: list[int]) -> list[float]:
 def moe_layers(llm: Any) -> list[Any]:
     """The engine's MoE layers (instances of the installed line's MoE class), in model order."""
     cls = _resolve(layout().moe_class)
-    return [m for m in model_runner(llm).get_model().modules() if isinstance(m, cls)]
+    return [m for m in engine_model(llm).modules() if isinstance(m, cls)]
 
 
 def installed_version() -> str | None:

@@ -85,6 +85,14 @@ def _teacher_forced(model, tok: ByteTokenizer, prompts, responses) -> tuple[torc
     return torch.log_softmax(picked, dim=-1), tokens, mask
 
 
+def _policy(state: Mapping[str, torch.Tensor], settings: DemoModelSettings, problems: list[dict[str, str]]):
+    """The fp32 transformers model holding ``state``, its tokenizer and the chat prompts of ``problems``."""
+    tok = ByteTokenizer(settings.vocab)
+    model = hf_model(settings)
+    model.load_state_dict(dict(state))
+    return model, tok, [tok.chat_prompt(p["question"]) for p in problems]
+
+
 def _greedy_reward(model, tok: ByteTokenizer, prompts, labels: list[str], max_new_tokens: int) -> float:
     greedy = _generate(model, tok, prompts, max_new_tokens, False, 0)
     return sum(gsm8k_reward(tok.decode(r), y) for r, y in zip(greedy, labels, strict=True)) / len(labels)
@@ -99,10 +107,7 @@ def greedy_reward(
     max_new_tokens: int,
 ) -> float:
     """Mean GSM8K reward of greedy (temperature 0) answers of the fp32 policy ``state`` to ``problems``."""
-    tok = ByteTokenizer(settings.vocab)
-    model = hf_model(settings)
-    model.load_state_dict(dict(state))
-    return _greedy_reward(model, tok, [tok.chat_prompt(p["question"]) for p in problems], labels, max_new_tokens)
+    return _greedy_reward(*_policy(state, settings, problems), labels, max_new_tokens)
 
 
 def evaluate_policy(
@@ -115,10 +120,7 @@ def evaluate_policy(
     seed: int,
 ) -> dict[str, dict[str, float]]:
     """``{"unquantized": {...}, "nvfp4": {...}, "int4": {...}}`` for one policy; see the module docstring."""
-    tok = ByteTokenizer(settings.vocab)
-    prompts = [tok.chat_prompt(p["question"]) for p in problems]
-    model = hf_model(settings)
-    model.load_state_dict(dict(state))
+    model, tok, prompts = _policy(state, settings, problems)
     sampled = _generate(model, tok, prompts, max_new_tokens, True, seed)
     base_logp, tokens, mask = _teacher_forced(model, tok, prompts, sampled)
     results: dict[str, dict[str, float]] = {}

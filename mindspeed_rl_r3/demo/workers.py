@@ -18,7 +18,7 @@ from mindspeed_rl_r3.demo.grpo import group_advantages, grpo_loss, token_log_pro
 from mindspeed_rl_r3.demo.model import DemoModelSettings, hf_model, megatron_model
 from mindspeed_rl_r3.demo.tokenizer import ByteTokenizer
 from mindspeed_rl_r3.demo.warm_start import WarmStartSettings
-from mindspeed_rl_r3.replay.metrics import logprob_mismatch
+from mindspeed_rl_r3.replay.metrics import LayerAlignment, logprob_mismatch
 from mindspeed_rl_r3.replay.state import ReplayConfig, RouterAction, RouterReplayState, action_for
 from mindspeed_rl_r3.routing import RoutingTrace, decode_group, encode_group, validate_trace
 from mindspeed_rl_r3.routing.layout import RouterTokenLayout, layout_micro_batch
@@ -197,12 +197,6 @@ class TrainerWorker:
         self.state = RouterReplayState(self.replay)
         self.layers = megatron_router.bind_replay(self.model, self.state)
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=settings.lr)
-        self._maps: dict[int, torch.Tensor] = {}
-        for _, router in megatron_router.iter_routers(self.model):
-            router.register_forward_hook(self._keep_map)
-
-    def _keep_map(self, module, _inputs, output) -> None:
-        self._maps[module.layer_number] = output[1].detach()
 
     def rollout_weights(self) -> dict[str, torch.Tensor]:
         """What the rollout must run: LoRA merged into every adapted weight, in transformers naming."""
@@ -240,14 +234,10 @@ class TrainerWorker:
         mbs = self.settings.micro_batch_size
         return [slice(i, min(i + mbs, n)) for i in range(0, n, mbs)]
 
-    def _pass(self, action: RouterAction, tokens, lens, traces, *, grad_fn=None) -> tuple[torch.Tensor, dict]:
-        """One forward pass over the micro-batches with replay/observation loaded per micro-batch.
-
-        The routing actually used is compared with the rollout's only in the forward-only pass that consumes routing
-        (the old-log-prob pass); the update and reference passes skip that measurement.
-        """
-        logps, mismatch, recorded = [], torch.zeros(len(self.layers)), torch.zeros(len(self.layers))
-        measure = grad_fn is None and action is not RouterAction.NATIVE
+    def _pass(self, action: RouterAction, tokens, lens, traces, *, grad_fn=None) -> tuple[list, list[LayerAlignment]]:
+        """One forward pass over the micro-batches with replay/observation loaded per micro-batch; returns the
+        log-probs and the pass's per-layer alignment (with the routing mismatch of what each router dispatched)."""
+        logps = []
         self.state.begin_pass(action)
         for mb in self._micro_batches(tokens.shape[0]):
             s = int(lens[mb].max())
@@ -260,22 +250,13 @@ class TrainerWorker:
                     logps.append(self._forward(tokens[mb, :s]))
             else:
                 grad_fn(mb, self._forward(tokens[mb, :s]))
-            if not measure:
-                continue
-            for j, n in enumerate(replay.layer_numbers):
-                ids, missing = replay.column(j)
-                want = torch.zeros(ids.shape[0], self.spec.num_experts, dtype=torch.bool).scatter_(1, ids, True)
-                differs = (self._maps[n] != want).any(dim=1) & ~missing
-                mismatch[j] += differs.sum()
-                recorded[j] += (~missing).sum()
-        layers = self.state.end_pass()
-        return logps, {"mismatch": mismatch, "recorded": recorded, "alignment": layers}
+        return logps, self.state.end_pass()
 
     def step(self, rollout: dict, rewards: list[float], step: int) -> dict:
         tokens, lens, response_mask, traces = self._batch(rollout)
         self.model.eval()
         action = RouterAction.REPLAY if self.r3 else RouterAction.OBSERVE
-        old, seen = self._pass(action, tokens, lens, traces)
+        old, layers = self._pass(action, tokens, lens, traces)
         width = tokens.shape[1] - 1
         old_logp = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in old])
         rollout_logp = torch.zeros_like(old_logp)
@@ -309,15 +290,17 @@ class TrainerWorker:
         self._pass(action_for(self.replay, "update"), tokens, lens, traces, grad_fn=backward)
         self.optimizer.step()
         self.model.eval()
-        recorded = seen["recorded"].clamp(min=1)
-        agreement = {str(x.layer_number): x.set_agreement for x in seen["alignment"]}
+        # the old-log-prob pass's routers, as dispatched, against the rollout (replay.metrics' routing mismatch)
+        rows = sum(x.dispatched_rows for x in layers)
+        differing = sum(x.routing_mismatch * x.dispatched_rows for x in layers if x.dispatched_rows)
+        routing_mismatch = differing / max(rows, 1)
         return {
             "step": step,
             **mismatch,
-            "routing_mismatch": float(seen["mismatch"].sum() / recorded.sum()),
-            "routing_mismatch_per_layer": (seen["mismatch"] / recorded).tolist(),
-            "layer_agreement": agreement,
-            "replay_agreement": 1.0 - float(seen["mismatch"].sum() / recorded.sum()),
+            "routing_mismatch": routing_mismatch,
+            "routing_mismatch_per_layer": [x.routing_mismatch if x.dispatched_rows else 0.0 for x in layers],
+            "layer_agreement": {str(x.layer_number): x.set_agreement for x in layers},
+            "replay_agreement": 1.0 - routing_mismatch,
             "fallback_fraction": self.state.metrics().get("r3/fallback_fraction", float("nan")),
             "response_tokens": int(response_mask.sum()),
             **ref_kl,

@@ -13,10 +13,11 @@ import contextlib
 import importlib
 import importlib.util
 import os
-import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from mindspeed_rl_r3.integration.env import loaded_cpu_backend
 
 # Reported package -> (distribution names, top-level module, may be imported for __version__).
 PACKAGES: dict[str, tuple[tuple[str, ...], str, bool]] = {
@@ -114,13 +115,8 @@ def import_is_safe(top: str) -> bool:
     """Whether importing top-level package ``top`` cannot pull a torch_npu without its runtime into this process."""
     if top not in NPU_PACKAGES:
         return True
-    return module_spec("torch_npu") is None or ascend_runtime_present() or _cpu_backend_installed()
-
-
-def _cpu_backend_installed() -> bool:
-    """torch_npu is :mod:`mindspeed_rl_r3.patches.cpu_backend`'s stand-in, which loads no NPU library."""
-    backend = sys.modules.get("mindspeed_rl_r3.patches.cpu_backend")
-    return backend is not None and backend.installed()
+    # with the CPU backend installed, torch_npu is its stand-in, which loads no NPU library
+    return module_spec("torch_npu") is None or ascend_runtime_present() or loaded_cpu_backend() is not None
 
 
 def git_commit(directory: Path) -> str | None:

@@ -240,7 +240,7 @@ def test_with_r3_the_engine_installs_capture_before_it_builds_vllm(capture, inte
 
     from mindspeed_rl_r3.patches import mindspeed_rl_rollout
 
-    monkeypatch.setattr(mindspeed_rl_rollout, "_cpu_backend_installed", lambda: False)
+    monkeypatch.setattr(mindspeed_rl_rollout, "loaded_cpu_backend", lambda: None)
     integration()
     assert getattr(VLLMInferEngine.__init__, mindspeed_rl_rollout.PATCHES.mark, False)
     seen: list[list[str]] = []
@@ -270,7 +270,7 @@ def test_on_the_cpu_backend_the_engine_installs_vllms_own_adapter(capture, integ
     from mindspeed_rl_r3.patches import mindspeed_rl_rollout, vllm_capture
 
     integration()
-    assert mindspeed_rl_rollout._cpu_backend_installed()
+    assert mindspeed_rl_rollout.loaded_cpu_backend() is not None
     body = mindspeed_rl_rollout.engine_init_capture_wrapper(lambda self, *args, **kwargs: None)
     body(object(), "tokenizer")
     assert sorted(vllm_capture.PATCHES.installed) == sorted(
